@@ -1,0 +1,1 @@
+"""quill: the core every transport and plugin plugs into."""

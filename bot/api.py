@@ -1,0 +1,218 @@
+"""What a plugin sees of the core: requests, replies, commands and the context object.
+
+Plugins import from here and from nothing else in `bot/`, so the core can change behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.config import Settings
+from bot.engine import (
+    MESSAGE_OVERHEAD_TOKENS,
+    ChatMessage,
+    ContextOverflow,
+    Engine,
+    EngineError,
+    GenerationOptions,
+)
+from bot.hookspecs import hookimpl
+from bot.memory import Memory
+from bot.prompts import PromptLoader
+from bot.search import Hit, Search
+
+if TYPE_CHECKING:
+    from bot.scheduler import Scheduler
+
+__all__ = [
+    "ChatMessage",
+    "Command",
+    "ContextOverflow",
+    "EngineError",
+    "GenerationOptions",
+    "Hit",
+    "Option",
+    "Place",
+    "PluginContext",
+    "Reply",
+    "Request",
+    "Section",
+    "hookimpl",
+]
+
+BOT_AUTHOR_ID = "quill"
+
+
+@dataclass(frozen=True)
+class Request:
+    """An incoming message or command, the same for every transport.
+
+    `guild_id` is "" outside a guild (DMs, the console). For a command, `command` is its name,
+    `options` its named options and `text` the rest of its arguments.
+    """
+
+    transport: str
+    channel_id: str
+    author_id: str
+    text: str
+    author_name: str = ""
+    guild_id: str = ""
+    message_id: str | None = None
+    is_admin: bool = False
+    mentioned: bool = False
+    is_dm: bool = False
+    command: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+    # The text of the message this one replies to, where the transport knows it ("" otherwise).
+    quoted: str = ""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where messages happen: a channel, thread or DM of one transport ("" guild outside guilds)."""
+
+    transport: str
+    guild_id: str
+    channel_id: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled part of a digest, in Markdown."""
+
+    title: str
+    body: str
+
+
+@dataclass
+class Reply:
+    """What a handler answers: whole `text`, or a `stream` of text pieces.
+
+    `failed` marks an error reply, so scripts (`quill ask`) can exit non-zero.
+    """
+
+    text: str = ""
+    stream: AsyncIterator[str] | None = None
+    failed: bool = False
+    # Set where the reply reads better as a titled card (a Discord embed): summaries, digests.
+    title: str | None = None
+    # Post to this channel instead of answering where the request came from (mod reports).
+    channel_id: str | None = None
+    # A file to hand over with the reply (a DM attachment on Discord, a path in the console).
+    file: Path | None = None
+    # Ask the transport to delete the message the request came from (moderation, and only where
+    # an admin turned deletion on); a transport that cannot delete ignores it.
+    delete_original: bool = False
+
+
+Handler = Callable[["PluginContext", Request], Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A named option of a command: a Discord slash-command option, or `name:value` typed
+    before the free text in the console (`/translate to:fr Bonjour`)."""
+
+    name: str
+    description: str
+    required: bool = False
+    # Suggested values (autocomplete on Discord); not a closed list.
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command a plugin offers; `/help` and the transports build their lists from these."""
+
+    name: str
+    help: str
+    handler: Handler
+    usage: str = ""
+    admin: bool = False
+    options: tuple[Option, ...] = ()
+
+
+@dataclass
+class PluginContext:
+    """The core's services, handed to every handler."""
+
+    engine: Engine
+    memory: Memory
+    settings: Settings
+    prompts: PromptLoader
+    # Calls every plugin's implementation of a hook (pluggy's relay), e.g. the list of results,
+    # some awaitable, of `context.hooks.forget_user(...)`; set by the core once plugins load.
+    hooks: Any = None
+    # The job scheduler (/schedule); None where the process runs none.
+    scheduler: Scheduler | None = None
+    # Every plugin's `digest_sections` for a place since a time, each one guarded (a failing
+    # plugin is left out), unlike a plain `hooks.digest_sections(...)` call; set by the core.
+    digest_sections: Callable[[Place, datetime], Awaitable[list[Section]]] | None = None
+
+    @cached_property
+    def search(self) -> Search:
+        """The knowledge base and full-text search over it and past messages (bot/search.py)."""
+        return Search(self.memory.engine)
+
+    def options(self, **overrides: object) -> GenerationOptions:
+        """Generation options from the settings, with per-call overrides."""
+        values: dict[str, object] = {
+            "max_tokens": self.settings.max_reply_tokens,
+            "temperature": self.settings.temperature,
+        }
+        values.update(overrides)
+        return GenerationOptions(**values)  # type: ignore[arg-type]
+
+    async def converse(self, request: Request, system_prompt: str, options: GenerationOptions | None = None) -> Reply:
+        """Answer `request` as the next turn of its place's conversation.
+
+        The user's turn is stored before generation, so nothing is lost if it fails; the
+        history is rebuilt from the database and trimmed by tokens, oldest turns first, with
+        the system prompt always kept; the reply is stored only once it has finished.
+        """
+        options = options or self.options()
+        conv = await self.memory.conversation(request.transport, request.guild_id, request.channel_id)
+        assert conv.id is not None
+        user_tokens = await self.engine.count_tokens(request.text)
+        await self.memory.add_message(
+            conv.id,
+            role="user",
+            content=request.text,
+            author_id=request.author_id,
+            author_name=request.author_name,
+            token_count=user_tokens,
+            external_id=request.message_id,
+        )
+        system_tokens = await self.engine.count_tokens(system_prompt) + MESSAGE_OVERHEAD_TOKENS
+        budget = self.engine.n_ctx - options.max_tokens - system_tokens
+        if user_tokens + MESSAGE_OVERHEAD_TOKENS > budget:
+            raise ContextOverflow(
+                f"Your message is {user_tokens} tokens, but only {max(budget, 0)} fit beside the reply in "
+                f"this model's context ({self.engine.n_ctx} tokens, QUILL_N_CTX). Please shorten it."
+            )
+        history = await self.memory.history(conv.id, budget, per_message=MESSAGE_OVERHEAD_TOKENS)
+        messages = [ChatMessage("system", system_prompt)]
+        messages += [ChatMessage(m.role, m.content) for m in history]
+        return Reply(stream=self._remember(conv.id, self.engine.stream(messages, options)))
+
+    async def _remember(self, conversation_id: int, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Pass the reply through and store it once complete; a reply cut short is not stored."""
+        parts: list[str] = []
+        async for piece in pieces:
+            parts.append(piece)
+            yield piece
+        text = "".join(parts).strip()
+        if text:
+            await self.memory.add_message(
+                conversation_id,
+                role="assistant",
+                content=text,
+                author_id=BOT_AUTHOR_ID,
+                author_name=self.settings.bot_name,
+                token_count=await self.engine.count_tokens(text),
+            )

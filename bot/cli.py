@@ -1,0 +1,131 @@
+"""The `quill` command: the Discord bot, console chat, one-shot questions and database upkeep."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from bot.app import Quill
+from bot.config import Settings
+from bot.engine import ModelLoadError
+from bot.memory import Memory, StorageError, write_revision
+from bot.scheduler import ScheduleError
+from bot.transports.console import ConsoleTransport
+from bot.transports.discord import DiscordStartError, run_discord
+
+app = typer.Typer(help="quill: a self-hosted chat and writing assistant on a local model.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema upkeep.")
+app.add_typer(db_app, name="db")
+
+T = TypeVar("T")
+Channel = Annotated[str, typer.Option(help="Conversation name; each keeps its own memory.")]
+
+
+def setup_logging(settings: Settings, *, interactive: bool) -> None:
+    """Log to stderr; in the console chat only warnings reach the terminal, the rest go to a file
+    under the data directory so they do not break into the conversation."""
+    level = getattr(logging, settings.log_level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(fmt)
+    stderr.setLevel(max(level, logging.WARNING) if interactive else level)
+    root.addHandler(stderr)
+    if interactive:
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(settings.data_dir / "quill.log", encoding="utf-8")
+        except OSError:
+            return
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment and .env; an invalid value prints which one and exits 1."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "QUILL_" + "_".join(str(part) for part in error["loc"]).upper()
+            typer.secho(f"quill: invalid setting {name}: {error['msg']}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def run_app(job: Callable[[Quill], Awaitable[T]], *, interactive: bool = True) -> T:
+    """Start the core, run `job`, close it; start-up faults print one line and exit 1."""
+    settings = load_settings()
+    setup_logging(settings, interactive=interactive)
+
+    async def main() -> T:
+        quill = await Quill.start(settings)
+        try:
+            return await job(quill)
+        finally:
+            await quill.close()
+
+    try:
+        return asyncio.run(main())
+    except (ModelLoadError, StorageError, ScheduleError, DiscordStartError) as exc:
+        typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run() -> None:
+    """Run the Discord bot (needs QUILL_DISCORD_TOKEN or DISCORD_TOKEN)."""
+    token = load_settings().discord_token
+    if token is None or not token.get_secret_value().strip():
+        typer.secho(
+            "quill: no Discord token. Set QUILL_DISCORD_TOKEN (or DISCORD_TOKEN) to run the Discord bot "
+            "(README.md, section Discord); to chat in this terminal instead, run `quill chat`.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    run_app(run_discord, interactive=False)
+
+
+@app.command()
+def chat(channel: Channel = "console") -> None:
+    """Chat in the terminal, with streamed replies and memory that survives restarts."""
+    run_app(lambda quill: ConsoleTransport(quill, channel=channel).repl())
+
+
+@app.command()
+def ask(text: Annotated[str, typer.Argument(help="The message, or a /command.")], channel: Channel = "console") -> None:
+    """Send one message (or /command), print the reply and exit: for scripts."""
+    reply = run_app(lambda quill: ConsoleTransport(quill, channel=channel).ask(text))
+    if reply.failed:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the database schema to the newest revision (start-up does this too)."""
+    settings = load_settings()
+    try:
+        Memory.open(settings.db_url).close()
+    except StorageError as exc:
+        typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo("database schema is up to date")
+
+
+@db_app.command("revision")
+def db_revision(message: Annotated[str, typer.Option("-m", "--message", help="What changed.")]) -> None:
+    """For developers: write a migration for what changed in bot/models.py (review it before committing)."""
+    write_revision(message)
+
+
+def main() -> None:
+    app()

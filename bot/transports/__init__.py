@@ -1,0 +1,1 @@
+"""Transports: each turns its own events into `Request`s for the router and renders `Reply`s."""

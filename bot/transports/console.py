@@ -1,0 +1,98 @@
+"""The console transport: chat with quill in a terminal, no Discord token needed."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TextIO
+
+from bot.api import Place, Reply, Request
+from bot.app import Quill
+
+TRANSPORT = "console"
+QUIT_WORDS = {"/quit", "/exit"}
+
+
+class ConsoleTransport:
+    """Sends lines typed in a terminal through the router and prints replies as they stream."""
+
+    def __init__(self, app: Quill, *, channel: str = "console", user: str | None = None, out: TextIO = sys.stdout):
+        self.app = app
+        self.channel = channel
+        self.user = user or getpass.getuser()
+        self.out = out
+        app.scheduler.posters[TRANSPORT] = self.post
+
+    def request(self, text: str) -> Request:
+        admins = self.app.settings.admin_ids
+        return Request(
+            transport=TRANSPORT,
+            channel_id=self.channel,
+            author_id=self.user,
+            author_name=self.user,
+            text=text,
+            is_admin=not admins or self.user in admins,
+            is_dm=True,
+        )
+
+    async def ask(self, text: str) -> Reply:
+        """Send one message and print the reply; returns it (with `failed` set on errors)."""
+        reply = await self.app.router.handle(self.request(text))
+        await self.render(reply)
+        return reply
+
+    async def render(self, reply: Reply) -> None:
+        """Print a reply, streaming it piece by piece as the model produces it."""
+        write, live = self.out.write, self.out.isatty()
+        if reply.title:
+            write(f"== {reply.title} ==\n")
+        if reply.stream is None:
+            write(reply.text + "\n")
+            self.out.flush()
+            return
+        if live:
+            write("…")
+            self.out.flush()
+        first = True
+        async for piece in reply.stream:
+            if first and live:
+                write("\b \b")  # the thinking mark gives way to the reply
+            first = False
+            write(piece)
+            self.out.flush()
+        write("\n")
+        self.out.flush()
+
+    async def post(self, place: Place, target: str, reply: Reply) -> None:
+        """The console's scheduler poster: print the reply and append it to
+        `<data dir>/posts/<target>.md`, so scheduled digests are kept to read later."""
+        heading = f"## {reply.title or 'Scheduled post'} ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)"
+        self.out.write(f"\n[to {target}] {heading[3:]}\n{reply.text}\n")
+        self.out.flush()
+        folder = self.app.settings.data_dir / "posts"
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in target) or "console"
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f"{name}.md").open("a", encoding="utf-8") as fh:
+            fh.write(f"{heading}\n\n{reply.text}\n\n")
+
+    async def repl(self, read_line: Callable[[], Awaitable[str]] | None = None) -> None:
+        """Chat until end of input or /quit; the conversation persists between runs."""
+        read = read_line or (lambda: asyncio.to_thread(sys.stdin.readline))
+        await self.app.scheduler.run_jobs()  # scheduled jobs run while the chat is open
+        self.out.write(
+            f"{self.app.settings.bot_name} on {self.app.settings.model_path.name}; "
+            f"conversation '{self.channel}'. /help lists commands, /quit leaves.\n"
+        )
+        while True:
+            if self.out.isatty():
+                self.out.write("you> ")
+                self.out.flush()
+            line = await read()
+            if not line or line.strip() in QUIT_WORDS:
+                return
+            if not line.strip():
+                continue
+            await self.ask(line)

@@ -1,0 +1,1 @@
+"""Built-in plugins: one module per plugin, each found by `bot.plugins`."""

@@ -1,0 +1,133 @@
+"""Q&A / help desk: answers from the team's own material (knowledge base, past messages), with
+its sources cited.
+
+Retrieval is full-text search in the database (`ctx.search`); whether anything relevant exists
+is decided by the search, not by the model: with no hit, the answer says so and the model is
+never asked. The answer is a turn of the place's conversation (`ctx.converse`), so follow-up
+questions keep their memory; the list of sources is appended after it, not stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from bot.api import Command, Hit, Option, PluginContext, Reply, Request, hookimpl
+
+NAME_CHARS = 100
+NOTHING_FOUND = (
+    "I found nothing about that in this team's knowledge base or past messages, so I won't guess. "
+    "An admin can add documents with /kb-add name:<name> <text>."
+)
+ADD_USAGE = "/kb-add name:<name> <text>"
+
+
+def source_label(hit: Hit, transport: str, guild_id: str) -> str:
+    """How a source is named in the prompt and under the answer: a document's name, or a
+    message's author, date and id (a link on Discord)."""
+    if hit.kind == "doc":
+        return f"document “{hit.name}”"
+    when = f" on {hit.created_at:%Y-%m-%d}" if hit.created_at else ""
+    where = f"message {hit.message_id}"
+    if transport == "discord" and guild_id and not hit.message_id.startswith("#"):
+        where = f"https://discord.com/channels/{guild_id}/{hit.channel_id}/{hit.message_id}"
+    return f"{hit.author}{when}, {where}"
+
+
+async def fit_sources(ctx: PluginContext, hits: list[Hit]) -> list[str]:
+    """Each hit's text, cut so that all of them together stay within QUILL_QA_SOURCE_TOKENS."""
+    budget = ctx.settings.qa_source_tokens // len(hits)
+    texts = []
+    for hit in hits:
+        body = hit.text
+        tokens = await ctx.engine.count_tokens(body)
+        if tokens > budget:  # cut proportionally; a cut passage is still a quotable excerpt
+            body = body[: max(1, len(body) * budget // tokens)].rstrip() + " …"
+        texts.append(body)
+    return texts
+
+
+async def ask(ctx: PluginContext, request: Request) -> Reply:
+    if not request.text:
+        return Reply("Usage: /ask <question>: answered from the knowledge base and past messages.", failed=True)
+    hits = await ctx.search.search(
+        request.text, request.transport, request.guild_id, request.channel_id, ctx.settings.qa_max_sources
+    )
+    if not hits:
+        return Reply(NOTHING_FOUND)
+    labels = [source_label(h, request.transport, request.guild_id) for h in hits]
+    texts = await fit_sources(ctx, hits)
+    sources = [
+        {"number": i, "label": label, "text": body}
+        for i, (label, body) in enumerate(zip(labels, texts, strict=True), 1)
+    ]
+    system = ctx.prompts.render("qa_system", bot_name=ctx.settings.bot_name, sources=sources)
+    reply = await ctx.converse(request, system)
+    assert reply.stream is not None
+    footer = "\n\nSources:\n" + "\n".join(f"[{i}] {label}" for i, label in enumerate(labels, 1))
+    reply.stream = _then(reply.stream, footer)
+    return reply
+
+
+async def _then(pieces: AsyncIterator[str], tail: str) -> AsyncIterator[str]:
+    async for piece in pieces:
+        yield piece
+    yield tail
+
+
+def _place(request: Request) -> tuple[str, str, str]:
+    return request.transport, request.guild_id, request.channel_id
+
+
+async def kb_add(ctx: PluginContext, request: Request) -> Reply:
+    name = request.options.get("name", "").strip()
+    if not request.text:
+        return Reply("Usage: " + ADD_USAGE, failed=True)
+    if len(name) > NAME_CHARS:
+        return Reply(f"A document name is at most {NAME_CHARS} characters.", failed=True)
+    count = await ctx.search.add_document(*_place(request), name, request.text, added_by=request.author_id)
+    return Reply(f"Added “{name}” to the knowledge base ({_passages(count)}).")
+
+
+async def kb_list(ctx: PluginContext, request: Request) -> Reply:
+    docs = await ctx.search.list_documents(*_place(request))
+    if not docs:
+        return Reply("The knowledge base is empty. An admin adds documents with " + ADD_USAGE)
+    return Reply("Knowledge base:\n" + "\n".join(f"- {name} ({_passages(n)})" for name, n in docs))
+
+
+async def kb_remove(ctx: PluginContext, request: Request) -> Reply:
+    name = request.text
+    if not name:
+        return Reply("Usage: /kb-remove <name> (/kb-list shows the names)", failed=True)
+    if await ctx.search.remove_document(*_place(request), name):
+        return Reply(f"Removed “{name}” from the knowledge base.")
+    return Reply(f"There is no document named “{name}”. /kb-list shows them.", failed=True)
+
+
+def _passages(count: int) -> str:
+    return f"{count} passage{'s' * (count != 1)}"
+
+
+@hookimpl
+def register_commands(register: Callable[[Command], None]) -> None:
+    register(
+        Command(
+            "ask",
+            "answer a question from the team's knowledge base and past messages, citing sources",
+            ask,
+            "<question>",
+        )
+    )
+    register(
+        Command(
+            "kb-add",
+            "add a document (pasted text or a text file) to the knowledge base /ask answers from; "
+            "a document of the same name is replaced",
+            kb_add,
+            "<text>",
+            admin=True,
+            options=(Option("name", "document name", required=True),),
+        )
+    )
+    register(Command("kb-list", "list the knowledge base's documents", kb_list))
+    register(Command("kb-remove", "remove a document from the knowledge base", kb_remove, "<name>", admin=True))

@@ -1,0 +1,213 @@
+"""The batched engine's own guarantees: same replies as single mode, streams joining and leaving
+at any step, warm prefixes counted in evaluated tokens, eviction, chunked prefill, LoRA swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bot.engine import MESSAGE_OVERHEAD_TOKENS, ChatMessage, EngineError, GenerationOptions
+from bot.engine.batched import BatchedEngine, BatchStats
+from bot.engine.local import LocalEngine
+from tests.conftest import assert_same_or_near_tie
+from tests.test_engine import GREEDY, QUESTION, Colours
+
+PROMPTS = [
+    QUESTION,
+    [ChatMessage("user", "Count from 1 to 10.")],
+    [ChatMessage("system", "You answer in French."), ChatMessage("user", "What is a cat?")],
+    [ChatMessage("user", "Write a haiku about rain.")],
+    [ChatMessage("user", "What is 2 + 2?"), ChatMessage("assistant", "4"), ChatMessage("user", "And 3 + 3?")],
+]
+COUNTING = [ChatMessage("user", "Count from 1 to 50.")]
+GREEDY_LONG = GenerationOptions(max_tokens=64, temperature=0.0)
+
+
+def filler(name: str, words: int) -> str:
+    """A long system prompt that shares no prefix with another `name`'s."""
+    return f"{name} speaking. " + " ".join(f"{name.lower()}{i % 50}" for i in range(words))
+
+
+def snapshot(engine: BatchedEngine) -> BatchStats:
+    return replace(engine.stats)
+
+
+def assert_no_sequence_leaked(engine: BatchedEngine) -> None:
+    s = engine.stats
+    assert s.running == 0
+    assert s.running + s.warm + s.free == s.sequences
+
+
+async def test_greedy_replies_match_single_mode(engine: LocalEngine, batched_engine: BatchedEngine) -> None:
+    single = [await engine.chat(p, GREEDY) for p in PROMPTS]
+    alone = [await batched_engine.chat(p, GREEDY) for p in PROMPTS]
+    together = await asyncio.gather(*(batched_engine.chat(p, GREEDY) for p in PROMPTS))
+    for prompt, s, a, t in zip(PROMPTS, single, alone, together, strict=True):
+        await assert_same_or_near_tie(batched_engine, prompt, s.text, a.text)
+        await assert_same_or_near_tie(batched_engine, prompt, s.text, t.text)
+
+
+async def test_a_request_joining_midway_gets_the_same_reply_as_alone(batched_engine: BatchedEngine) -> None:
+    first_alone = await batched_engine.chat(COUNTING, GREEDY)
+    second_alone = await batched_engine.chat(PROMPTS[3], GREEDY)
+    first_pieces: list[str] = []
+    second: asyncio.Task | None = None
+    async for piece in batched_engine.stream(COUNTING, GREEDY):
+        first_pieces.append(piece)
+        if len(first_pieces) == 3:
+            second = asyncio.create_task(batched_engine.chat(PROMPTS[3], GREEDY))
+    assert second is not None
+    await assert_same_or_near_tie(batched_engine, COUNTING, first_alone.text, "".join(first_pieces))
+    second_text = (await second).text
+    await assert_same_or_near_tie(batched_engine, PROMPTS[3], second_alone.text, second_text)
+
+
+async def test_cancelled_stream_frees_its_sequence_at_once(batched_engine: BatchedEngine) -> None:
+    before = snapshot(batched_engine)
+    stream = batched_engine.stream(
+        [ChatMessage("user", "Write a long story about a cat.")], GenerationOptions(max_tokens=400)
+    )
+    async for _ in stream:
+        break
+    await stream.aclose()
+    later = await batched_engine.chat(QUESTION, GREEDY)
+    after = batched_engine.stats
+    assert after.cancellations == before.cancellations + 1
+    # The cancelled reply stopped within a few steps, far from its 400 tokens.
+    assert after.tokens_generated - before.tokens_generated < later.completion_tokens + 40
+    assert_no_sequence_leaked(batched_engine)
+
+
+async def test_returning_conversation_evaluates_only_its_new_tokens(batched_engine: BatchedEngine) -> None:
+    history = [ChatMessage("system", filler("Ada", 60)), ChatMessage("user", "Who are you?")]
+    reply = await batched_engine.chat(history, GenerationOptions(max_tokens=16, temperature=0.0))
+    # Other conversations use the context in between.
+    for name in ("Bob", "Cy", "Dee"):
+        await batched_engine.chat([ChatMessage("system", filler(name, 20)), ChatMessage("user", "Hi.")], GREEDY)
+    follow_up = "And what do you do?"
+    turn_two = [*history, ChatMessage("assistant", reply.text), ChatMessage("user", follow_up)]
+    before = snapshot(batched_engine)
+    await batched_engine.chat(turn_two, GenerationOptions(max_tokens=4, temperature=0.0))
+    evaluated = batched_engine.stats.prompt_tokens_evaluated - before.prompt_tokens_evaluated
+    reused = batched_engine.stats.prompt_tokens_reused - before.prompt_tokens_reused
+    assert reused > 200
+    assert evaluated <= await batched_engine.count_tokens(follow_up) + 2 * MESSAGE_OVERHEAD_TOKENS
+
+
+async def test_oldest_warm_conversation_is_evicted_never_a_running_one(batched_engine: BatchedEngine) -> None:
+    """The pool holds n_ctx (1,024) cells: three ~270-token conversations and the running reply
+    fit, a fourth conversation does not."""
+    short = GenerationOptions(max_tokens=4, temperature=0.0)
+    talks = {name: [ChatMessage("system", filler(name, 90)), ChatMessage("user", "Hi.")] for name in "WXYZ"}
+    for name in "WXY":
+        await batched_engine.chat(talks[name], short)
+    before = snapshot(batched_engine)
+    running_alone = await batched_engine.chat(COUNTING, GREEDY)
+    pieces: list[str] = []
+    async for piece in batched_engine.stream(COUNTING, GREEDY):
+        if not pieces:  # Z arrives while the counting reply is running and needs room
+            await batched_engine.chat(talks["Z"], short)
+        pieces.append(piece)
+    assert batched_engine.stats.evictions > before.evictions
+    await assert_same_or_near_tie(batched_engine, COUNTING, running_alone.text, "".join(pieces))
+
+    def reused_by(stats_before: BatchStats) -> int:
+        return batched_engine.stats.prompt_tokens_reused - stats_before.prompt_tokens_reused
+
+    mark = snapshot(batched_engine)
+    await batched_engine.chat(talks["Y"], short)  # the newest warm one: still there
+    assert reused_by(mark) > 200
+    mark = snapshot(batched_engine)
+    await batched_engine.chat(talks["W"], short)  # the oldest: evicted, evaluated again
+    assert reused_by(mark) < 10
+    assert_no_sequence_leaked(batched_engine)
+
+
+async def test_grammar_and_schema_hold_per_sequence_side_by_side(batched_engine: BatchedEngine) -> None:
+    yes_no = GenerationOptions(max_tokens=8, temperature=0.0, grammar='root ::= ("yes" | "no") "."')
+    ask = [ChatMessage("user", "Is the sky green? Answer yes or no.")]
+    colours = [ChatMessage("user", "List two colours as JSON with fields colours and count.")]
+    answer, parsed, free = await asyncio.gather(
+        batched_engine.chat(ask, yes_no),
+        batched_engine.chat_structured(colours, Colours, GenerationOptions(max_tokens=96, temperature=0.0)),
+        batched_engine.chat(QUESTION, GREEDY),
+    )
+    assert answer.text in {"yes.", "no."}
+    assert isinstance(parsed, Colours)
+    alone = await batched_engine.chat(QUESTION, GREEDY)
+    await assert_same_or_near_tie(batched_engine, QUESTION, alone.text, free.text)
+
+
+async def test_long_prompt_is_prefilled_in_chunks_while_a_stream_goes_on(
+    batched_engine: BatchedEngine,
+) -> None:
+    long_prompt = [ChatMessage("system", filler("Eve", 150)), ChatMessage("user", "Summarise.")]
+    prompt_tokens = await batched_engine.count_tokens(long_prompt[0].content)
+    alone = await batched_engine.chat(COUNTING, GREEDY_LONG)
+    before = snapshot(batched_engine)
+    pieces: list[str] = []
+    joined: asyncio.Task | None = None
+    async for piece in batched_engine.stream(COUNTING, GREEDY_LONG):
+        pieces.append(piece)
+        if joined is None:
+            joined = asyncio.create_task(batched_engine.chat(long_prompt, GenerationOptions(max_tokens=2)))
+    assert joined is not None and (await joined).completion_tokens > 0
+    await assert_same_or_near_tie(batched_engine, COUNTING, alone.text, "".join(pieces))
+    chunks = prompt_tokens // batched_engine.settings.batch_prefill_chunk
+    # Most of the long prompt's chunks went into steps that also decoded the running stream.
+    assert batched_engine.stats.mixed_steps - before.mixed_steps >= chunks - 2
+
+
+def write_lora(path: Path, n_layers: int, n_embd: int, value: float) -> None:
+    """A rank-1 LoRA adapter on every layer's attn_q, in GGUF (the layout llama.cpp loads)."""
+
+    def string(text: str) -> bytes:
+        data = text.encode()
+        return struct.pack("<Q", len(data)) + data
+
+    meta = [("general.architecture", "llama"), ("general.type", "adapter"), ("adapter.type", "lora")]
+    head = b"GGUF" + struct.pack("<IQQ", 3, 2 * n_layers, len(meta) + 1)
+    for key, text in meta:
+        head += string(key) + struct.pack("<I", 8) + string(text)
+    head += string("adapter.lora.alpha") + struct.pack("<If", 6, 1.0)
+    data, offset = b"", 0
+    for layer in range(n_layers):
+        for suffix, shape in (("lora_a", (n_embd, 1)), ("lora_b", (1, n_embd))):
+            name = f"blk.{layer}.attn_q.weight.{suffix}"
+            head += string(name) + struct.pack("<I2QIQ", 2, *shape, 0, offset)
+            blob = struct.pack(f"<{n_embd}f", *([value] * n_embd))
+            blob += b"\0" * (-len(blob) % 32)
+            data, offset = data + blob, offset + len(blob)
+    path.write_bytes(head + b"\0" * (-len(head) % 32) + data)
+
+
+async def test_lora_swap_waits_for_running_requests_and_drops_warm_prefixes(
+    batched_engine: BatchedEngine, tmp_path: Path
+) -> None:
+    meta = batched_engine._llm.metadata
+    adapter = tmp_path / "adapter.gguf"
+    write_lora(adapter, int(meta["llama.block_count"]), int(meta["llama.embedding_length"]), 0.5)
+    assert "lora" in batched_engine.features
+    base = await batched_engine.chat(QUESTION, GREEDY)
+    try:
+        # In arrival order: the first request is served by the base model, the one after the
+        # swap by the adapter, and the swap drops no queued request.
+        before_swap, _, after_swap = await asyncio.gather(
+            batched_engine.chat(QUESTION, GREEDY),
+            batched_engine.set_adapter(adapter),
+            batched_engine.chat(QUESTION, GREEDY),
+        )
+        await assert_same_or_near_tie(batched_engine, QUESTION, base.text, before_swap.text)
+        assert after_swap.text != base.text
+    finally:
+        await batched_engine.set_adapter(None)
+    mark = snapshot(batched_engine)
+    restored = await batched_engine.chat(QUESTION, GREEDY)
+    await assert_same_or_near_tie(batched_engine, QUESTION, base.text, restored.text)
+    assert batched_engine.stats.prompt_tokens_reused == mark.prompt_tokens_reused  # nothing warm survived
+    with pytest.raises(EngineError, match="not found"):
+        await batched_engine.set_adapter(tmp_path / "missing.gguf")

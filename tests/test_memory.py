@@ -1,0 +1,149 @@
+"""Conversation memory on a real database (SQLite file; PostgreSQL where configured)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlmodel import SQLModel
+
+from bot.memory import Memory, StorageError, include_name
+
+
+@pytest.fixture
+def memory(db_url: str):
+    store = Memory.open(db_url)
+    yield store
+    store.close()
+
+
+def test_migrations_match_the_models(memory: Memory) -> None:
+    with memory.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"include_name": include_name})
+        diff = compare_metadata(context, SQLModel.metadata)
+    assert diff == [], "models changed without an Alembic revision: run the autogenerate step in README"
+
+
+def test_upgrade_in_place_keeps_data(db_url: str) -> None:
+    first = Memory.open(db_url)
+    conv = asyncio.run(first.conversation("console", "", "c1"))
+    asyncio.run(first.add_message(conv.id, role="user", content="keep me", author_id="u1"))
+    first.close()
+    again = Memory.open(db_url)  # runs the migrations a second time
+    assert [m.content for m in asyncio.run(again.history(conv.id, 10_000))] == ["keep me"]
+    assert "alembic_version" in inspect(again.engine).get_table_names()
+    again.close()
+
+
+async def test_conversation_is_per_place_and_created_once(memory: Memory) -> None:
+    a = await memory.conversation("discord", "g1", "c1")
+    b = await memory.conversation("discord", "g1", "c1")
+    dm = await memory.conversation("discord", "", "c1")
+    other = await memory.conversation("console", "g1", "c1")
+    assert a.id == b.id
+    assert len({a.id, dm.id, other.id}) == 3
+
+
+async def test_concurrent_first_use_creates_one_conversation(memory: Memory) -> None:
+    convs = await asyncio.gather(*(memory.conversation("discord", "g", "race") for _ in range(8)))
+    assert len({c.id for c in convs}) == 1
+
+
+async def test_history_keeps_the_newest_turns_within_the_budget(memory: Memory) -> None:
+    conv = await memory.conversation("console", "", "trim")
+    for i in range(10):
+        await memory.add_message(conv.id, role="user", content=f"m{i}", author_id="u", token_count=10)
+    kept = await memory.history(conv.id, token_budget=35)
+    assert [m.content for m in kept] == ["m7", "m8", "m9"]
+    kept = await memory.history(conv.id, token_budget=35, per_message=5)
+    assert [m.content for m in kept] == ["m8", "m9"]
+    assert await memory.history(conv.id, token_budget=5) == []
+
+
+async def test_messages_keep_their_fields(memory: Memory) -> None:
+    conv = await memory.conversation("discord", "g", "c")
+    await memory.add_message(
+        conv.id,
+        role="user",
+        content="héllo ✓",
+        author_id="42",
+        author_name="Ada",
+        token_count=3,
+        external_id="999",
+    )
+    (msg,) = await memory.history(conv.id, 100)
+    assert (msg.author_id, msg.author_name, msg.content, msg.token_count, msg.external_id) == (
+        "42",
+        "Ada",
+        "héllo ✓",
+        3,
+        "999",
+    )
+    assert msg.created_at.tzinfo is not None
+
+
+async def test_settings_per_guild_and_channel(memory: Memory) -> None:
+    assert await memory.get_setting("g", "", "help_channels", []) == []
+    await memory.set_setting("g", "", "help_channels", ["c1"])
+    await memory.set_setting("g", "c1", "auto_translate", {"to": "fr"})
+    await memory.set_setting("g", "", "help_channels", ["c1", "c2"])
+    assert await memory.get_setting("g", "", "help_channels") == ["c1", "c2"]
+    assert await memory.get_setting("g", "c1", "auto_translate") == {"to": "fr"}
+    assert await memory.get_setting("other", "", "help_channels") is None
+
+
+def test_sqlite_uses_wal(tmp_path: Path) -> None:
+    store = Memory.open(f"sqlite:///{tmp_path / 'q.db'}")
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    store.close()
+
+
+def test_data_dir_that_cannot_be_created_fails_clearly(tmp_path: Path) -> None:
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the data folder should be")
+    with pytest.raises(StorageError, match="QUILL_DATABASE_URL"):
+        Memory.open(f"sqlite:///{blocker / 'quill.db'}")
+
+
+def test_read_only_database_fails_clearly_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    sqlite3.connect(path).close()  # an empty database the migrations must write to
+    with pytest.raises(StorageError, match="readonly"):
+        Memory.open(f"sqlite:///file:{path}?mode=ro&uri=true")
+
+
+def test_database_that_is_not_a_database_fails_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError, match=r"Cannot open the database .*QUILL_DATABASE_URL"):
+        Memory.open(f"sqlite:///{path}")
+
+
+def test_unreachable_postgres_fails_clearly() -> None:
+    with pytest.raises(StorageError, match="Cannot open the database") as err:
+        Memory.open("postgresql+psycopg://quill:secret@127.0.0.1:1/quill?connect_timeout=2")
+    assert "secret" not in str(err.value)
+
+
+async def test_locked_database_is_a_storage_error_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    store = Memory.open(f"sqlite:///{path}")
+    conv = await store.conversation("console", "", "c")
+    locker = sqlite3.connect(path, timeout=0)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        store.engine.dispose()
+        with pytest.raises(StorageError, match="locked"):
+            await store.add_message(conv.id, role="user", content="x", author_id="u")
+    finally:
+        locker.rollback()
+        locker.close()
+    await store.add_message(conv.id, role="user", content="after", author_id="u")
+    assert [m.content for m in await store.history(conv.id, 100)] == ["after"]
+    store.close()

@@ -1,0 +1,252 @@
+"""Scheduled jobs on real APScheduler with its SQLAlchemy job store (SQLite; PostgreSQL too)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bot.api import Place, Reply, Request
+from bot.app import Quill
+from bot.config import Settings
+from bot.engine.local import LocalEngine
+from bot.scheduler import ScheduleError, parse_when
+from bot.transports.console import ConsoleTransport
+from tests.conftest import make_settings
+
+PLACE = Place("console", "", "team")
+
+
+class Recorder:
+    """A poster that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[Place, str, Reply]] = []
+
+    async def __call__(self, place: Place, target: str, reply: Reply) -> None:
+        self.posts.append((place, target, reply))
+
+
+def admin(text: str, **fields: object) -> Request:
+    values: dict[str, object] = {
+        "transport": PLACE.transport,
+        "channel_id": PLACE.channel_id,
+        "author_id": "ada",
+        "author_name": "Ada",
+        "text": text,
+        "is_admin": True,
+    }
+    values.update(fields)
+    return Request(**values)  # type: ignore[arg-type]
+
+
+async def ask(app: Quill, text: str, **fields: object) -> Reply:
+    return await app.router.handle(admin(text, **fields))
+
+
+async def started(settings: Settings, engine: LocalEngine) -> Quill:
+    quill = await Quill.start(settings, engine=engine)
+    quill.scheduler.posters["console"] = Recorder()
+    return quill
+
+
+@pytest.fixture
+async def bot(settings: Settings, engine: LocalEngine) -> AsyncIterator[Quill]:
+    quill = await started(settings, engine)
+    yield quill
+    await quill.close(close_engine=False)
+
+
+def posts(app: Quill) -> list[tuple[Place, str, Reply]]:
+    return app.scheduler.posters["console"].posts  # type: ignore[attr-defined]
+
+
+async def seed(app: Quill, channel: str = "team") -> None:
+    conv = await app.memory.conversation("console", "", channel)
+    for author, text in [("ada", "the release is friday"), ("bob", "ok"), ("ada", "who reviews?")]:
+        await app.memory.add_message(conv.id, role="user", content=text, author_id=author, author_name=author)
+
+
+async def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def test_presets_and_cron_parse() -> None:
+    daily = parse_when("daily 09:30 Europe/Paris", "UTC")
+    assert str(daily.timezone) == "Europe/Paris"
+    assert {f.name: str(f) for f in daily.fields}["hour"] == "9"
+    weekly = parse_when("weekly Monday 18:05", "UTC")
+    assert {f.name: str(f) for f in weekly.fields}["day_of_week"] == "mon"
+    cron = parse_when("cron */15 8-18 * * mon-fri", "America/New_York")
+    assert {f.name: str(f) for f in cron.fields}["minute"] == "*/15"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "No schedule given"),
+        ("hourly 10", "Unknown schedule kind 'hourly'"),
+        ("daily 25:00", "Bad time '25:00'"),
+        ("daily 9", "Bad time '9'"),
+        ("weekly funday 09:00", "Unknown weekday 'funday'"),
+        ("daily 09:00 Mars/Base", "Unknown time zone 'Mars/Base'"),
+        ("daily 09:00 Europe", "Unknown time zone .Europe."),
+        ("cron 0 9 * *", "`cron` takes 5 value"),
+        ("cron 99 9 * * *", "Bad cron expression '99 9 \\* \\* \\*'"),
+    ],
+)
+def test_bad_schedules_get_clear_errors(spec: str, message: str) -> None:
+    with pytest.raises(ScheduleError, match=message):
+        parse_when(spec, "UTC")
+
+
+async def test_bad_schedule_via_the_command_is_refused_and_adds_nothing(bot: Quill) -> None:
+    reply = await ask(bot, "/schedule add d daily 9am /digest")
+    assert reply.failed and "Bad time '9am'" in reply.text
+    reply = await ask(bot, "/schedule add d daily 09:00")
+    assert reply.failed and "Say which command" in reply.text
+    assert (await ask(bot, "/schedule list")).text == "No scheduled jobs."
+
+
+async def test_schedule_is_for_admins(bot: Quill) -> None:
+    reply = await ask(bot, "/schedule list", is_admin=False)
+    assert reply.failed and "admins only" in reply.text
+
+
+async def test_schedules_survive_a_restart(settings: Settings, engine: LocalEngine) -> None:
+    first = await started(settings, engine)
+    reply = await ask(first, "/schedule to:digests add team-digest daily 09:00 Europe/Paris /digest")
+    assert not reply.failed, reply.text
+    before = await first.scheduler.get("team-digest")
+    await first.close(close_engine=False)
+
+    again = await started(settings, engine)  # a new scheduler on the same database
+    try:
+        (job,) = await again.scheduler.jobs()
+        assert (job.id, job.command, job.target, job.place) == ("team-digest", "/digest", "digests", PLACE)
+        assert job.next_run == before.next_run and job.next_run.hour == 9
+        # Adding the same id again replaces it rather than adding a copy.
+        await ask(again, "/schedule add team-digest daily 10:00 /digest")
+        assert [j.id for j in await again.scheduler.jobs()] == ["team-digest"]
+    finally:
+        await again.close(close_engine=False)
+
+
+async def test_run_now_posts_the_digest_to_the_target(bot: Quill) -> None:
+    await seed(bot)
+    await ask(bot, "/schedule to:digests add d weekly fri 17:00 /digest")
+    reply = await ask(bot, "/schedule run d")
+    assert reply.text == "Ran d."
+    ((place, target, post),) = posts(bot)
+    assert (place, target) == (PLACE, "digests")
+    assert post.title and post.title.startswith("Digest since")
+    assert "3 messages from 2 people" in post.text
+    # The next digest covers only what came after this one.
+    await ask(bot, "/schedule run d")
+    assert posts(bot)[1][2].text == "Nothing new."
+
+
+async def test_a_due_job_runs_once_from_the_scheduler(bot: Quill) -> None:
+    await seed(bot)
+    await ask(bot, "/schedule add d daily 09:00 /digest")
+    await bot.scheduler.run_jobs()
+    assert bot.scheduler.leading
+    bot.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC))
+    bot.scheduler.aps.wakeup()
+    await wait_for(lambda: len(posts(bot)) == 1)
+    await asyncio.sleep(0.5)
+    assert len(posts(bot)) == 1
+    assert "3 messages" in posts(bot)[0][2].text
+    job = await bot.scheduler.get("d")
+    assert job.next_run is not None and job.next_run > datetime.now(UTC)  # the next run is tomorrow
+
+
+@pytest.mark.parametrize(("late", "runs"), [(timedelta(seconds=5), 1), (timedelta(hours=2), 0)])
+async def test_missed_runs_follow_the_misfire_setting(
+    tmp_path: Path, db_url: str, engine: LocalEngine, late: timedelta, runs: int
+) -> None:
+    """A run missed while the bot was down is made up within the grace time, skipped beyond it."""
+    settings = make_settings(tmp_path, database_url=db_url, scheduler_misfire_grace_seconds=60)
+    bot = await started(settings, engine)
+    try:
+        await seed(bot)
+        await ask(bot, "/schedule add d daily 09:00 /digest")
+        bot.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC) - late)
+        await bot.scheduler.run_jobs()
+        await asyncio.sleep(1.0)
+        assert len(posts(bot)) == runs
+    finally:
+        await bot.close(close_engine=False)
+
+
+async def test_pause_resume_and_remove(bot: Quill) -> None:
+    await ask(bot, "/schedule add d daily 09:00 /digest")
+    assert (await ask(bot, "/schedule pause d")).text == "Paused d."
+    assert "d: /digest (daily 09:00) in team -> team; paused" in (await ask(bot, "/schedule list")).text
+    assert (await bot.scheduler.get("d")).paused
+    assert "next run" in (await ask(bot, "/schedule resume d")).text
+    assert not (await bot.scheduler.get("d")).paused
+    assert (await ask(bot, "/schedule remove d")).text == "Removed d."
+    reply = await ask(bot, "/schedule run d")
+    assert reply.failed and "No scheduled job named 'd'" in reply.text
+    assert (await ask(bot, "/schedule pause nope")).failed
+    assert (await ask(bot, "/schedule frobnicate")).text.startswith("Usage:")
+
+
+async def test_a_paused_job_does_not_run(bot: Quill) -> None:
+    await seed(bot)
+    await ask(bot, "/schedule add d daily 09:00 /digest")
+    await ask(bot, "/schedule pause d")
+    await bot.scheduler.run_jobs()
+    await asyncio.sleep(0.5)
+    assert posts(bot) == []
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_two_processes_on_one_postgres_never_both_run_a_job(
+    tmp_path: Path, db_url: str, engine: LocalEngine
+) -> None:
+    settings = make_settings(tmp_path, database_url=db_url, scheduler_poll_seconds=0.2)
+    one, two = await started(settings, engine), await started(settings, engine)
+    try:
+        await seed(one)
+        await ask(one, "/schedule add d daily 09:00 /digest")
+        await one.scheduler.run_jobs()
+        await two.scheduler.run_jobs()
+        assert (one.scheduler.leading, two.scheduler.leading) == (True, False)
+        one.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC))
+        one.scheduler.aps.wakeup()
+        await wait_for(lambda: len(posts(one)) == 1)
+        await asyncio.sleep(1.0)  # the follower polls every 0.2 s: it must still not run it
+        assert (len(posts(one)), len(posts(two))) == (1, 0)
+
+        await one.close(close_engine=False)  # the leader dies; the follower takes over
+        await wait_for(lambda: two.scheduler.leading)
+        await ask(two, "/schedule add e daily 09:00 /digest")
+        two.scheduler.aps.modify_job("e", next_run_time=datetime.now(UTC))
+        two.scheduler.aps.wakeup()
+        await wait_for(lambda: len(posts(two)) == 1)
+    finally:
+        await one.close(close_engine=False)
+        await two.close(close_engine=False)
+
+
+async def test_the_console_posts_scheduled_replies_to_screen_and_a_markdown_file(bot: Quill) -> None:
+    out = io.StringIO()
+    ConsoleTransport(bot, channel="team", out=out)  # gives the scheduler its poster
+    await seed(bot)
+    await ask(bot, "/schedule to:#digests add d daily 09:00 /digest")
+    await ask(bot, "/schedule run d")
+    await ask(bot, "/schedule run d")
+    assert "[to #digests] Digest since" in out.getvalue()
+    kept = (bot.settings.data_dir / "posts" / "_digests.md").read_text()
+    assert kept.count("## Digest since") == 2
+    assert "3 messages from 2 people" in kept and "Nothing new." in kept

@@ -1,0 +1,175 @@
+"""Summarizer: map-reduce by tokens over stored messages, on the real model and database."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.api import Place, PluginContext, Request
+from bot.app import Quill
+from bot.engine import ChatMessage, ChatResult, GenerationOptions, Model
+from bot.engine.local import LocalEngine
+from plugins.summarize import Summarizer, log_lines, pack, render
+from tests.conftest import make_settings
+
+NAMES = ("Ada", "Bea", "Cy")
+
+
+class CountingEngine:
+    """The real engine, with a count of the generations asked of it."""
+
+    def __init__(self, inner: LocalEngine) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def chat(self, messages: Sequence[ChatMessage], options: GenerationOptions) -> ChatResult:
+        self.calls += 1
+        return await self.inner.chat(messages, options)
+
+    async def chat_structured(
+        self, messages: Sequence[ChatMessage], model: type[Model], options: GenerationOptions
+    ) -> Model:
+        self.calls += 1
+        return await self.inner.chat_structured(messages, model, options)
+
+
+@pytest.fixture
+async def small_app(tmp_path: Path, engine: LocalEngine) -> AsyncIterator[Quill]:
+    """SQLite only, small chunks and notes: several map and merge steps on few messages."""
+    settings = make_settings(
+        tmp_path,
+        summarize_chunk_tokens=128,
+        summarize_note_tokens=16,
+        summarize_max_items=1,
+    )
+    quill = await Quill.start(settings, engine=engine)
+    yield quill
+    await quill.close(close_engine=False)
+
+
+async def seed(app: Quill, count: int, channel: str = "c1", start: int = 0) -> int:
+    conv = await app.memory.conversation("discord", "g1", channel)
+    for i in range(start, start + count):
+        name = NAMES[i % len(NAMES)]
+        await app.memory.add_message(
+            conv.id,
+            role="user",
+            content=f"message {i}: the release plan item {i}",
+            author_id=name,
+            author_name=name,
+        )
+    return conv.id
+
+
+def request(text: str = "", **options: str) -> Request:
+    return Request("discord", "c1", "u1", text, guild_id="g1", options=options)
+
+
+def test_pack_keeps_order_and_budget() -> None:
+    assert pack([3, 3, 3, 3, 3], 7) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert pack([7, 1, 7], 7) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert pack([], 7) == []
+
+
+async def test_500_messages_are_chunked_to_fit_with_full_coverage(app: Quill) -> None:
+    conv_id = await seed(app, 500)
+    messages = await app.memory.recent_messages(conv_id, 5000)
+    lines = log_lines(messages)
+    summarizer = Summarizer(app.context)
+    fitted, costs, chunks = await summarizer.plan(lines)
+    assert fitted == lines  # no message was too long to fit
+    assert [i for chunk in chunks for i in chunk] == list(range(500))  # each once, in order
+    budget = await summarizer.budget("summarize_chunk", final=False)
+    assert math.ceil(sum(costs) / budget) <= len(chunks) <= 2 * math.ceil(sum(costs) / budget)
+    system = app.context.prompts.render("summarize_chunk", final=False)
+    for chunk in chunks:
+        prompt = await app.engine.count_tokens(system) + await app.engine.count_tokens(
+            "\n".join(fitted[i] for i in chunk)
+        )
+        assert prompt + summarizer.note_tokens + 32 <= app.engine.n_ctx
+
+
+async def test_a_message_longer_than_a_chunk_is_cut_not_overflowing(small_app: Quill) -> None:
+    summarizer = Summarizer(small_app.context)
+    fitted, costs, chunks = await summarizer.plan(["Ada: " + "very long words " * 400, "Bea: short"])
+    budget = await summarizer.budget("summarize_chunk", final=False)
+    assert len(chunks) == 2 and costs[0] <= budget and fitted[0].endswith("…")
+
+
+async def test_model_calls_grow_linearly_with_the_messages(small_app: Quill) -> None:
+    counting = CountingEngine(small_app.engine)  # type: ignore[arg-type]
+    ctx = PluginContext(counting, small_app.memory, small_app.settings, small_app.context.prompts)
+    calls = []
+    for size in (16, 32):
+        conv_id = await seed(small_app, size, channel=f"size{size}")
+        lines = log_lines(await small_app.memory.recent_messages(conv_id, 5000))
+        summarizer = Summarizer(ctx)
+        fitted, _, chunks = await summarizer.plan(lines)
+        counting.calls = 0
+        notes = [await summarizer.note("summarize_chunk", [fitted[i] for i in c]) for c in chunks]
+        await summarizer.condense(notes)
+        assert summarizer.stats.calls == counting.calls
+        calls.append((len(chunks), counting.calls))
+    (small_chunks, small_calls), (big_chunks, big_calls) = calls
+    assert small_chunks >= 2 and big_chunks >= 2 * small_chunks - 1
+    assert big_calls <= 2 * small_calls + 1  # linear, not quadratic
+
+
+async def test_long_notes_are_merged_in_rounds_until_they_fit(small_app: Quill) -> None:
+    summarizer = Summarizer(small_app.context)
+    notes = [f"Note {i}: " + "the team discussed the release schedule and the budget " * 6 for i in range(6)]
+    condensed = await summarizer.condense(notes)
+    budget = await summarizer.budget("summarize_merge", final=True)
+    costs = [await small_app.engine.count_tokens(n) + 1 for n in condensed]
+    assert sum(costs) <= budget and len(condensed) < len(notes)
+    assert summarizer.stats.merges >= 2 and summarizer.stats.levels[0] == 6 and len(summarizer.stats.levels) >= 2
+
+
+async def test_summarize_command_replies_with_a_titled_summary(small_app: Quill) -> None:
+    await seed(small_app, 6)
+    reply = await small_app.router.handle(request("/summarize hours:1"))
+    assert not reply.failed, reply.text
+    assert reply.title == "Summary of the last 1 hour(s)"
+    assert reply.text.endswith("_6 messages, 1 part(s), 1 model call._")
+
+
+async def test_summarize_usage_errors_and_empty_place(small_app: Quill) -> None:
+    empty = await small_app.router.handle(request("/summarize"))
+    assert "no stored messages" in empty.text
+    for bad in ("messages:0", "messages:lots", "hours:-3"):
+        reply = await small_app.router.handle(request(f"/summarize {bad}"))
+        assert reply.failed and "Usage: /summarize" in reply.text
+    too_many = await small_app.router.handle(request("/summarize messages:999999"))
+    assert too_many.failed and "QUILL_SUMMARIZE_MAX_MESSAGES" in too_many.text
+
+
+async def test_digest_section_covers_messages_since_a_time(small_app: Quill) -> None:
+    conv_id = await seed(small_app, 4)
+    since = datetime.now(UTC) - timedelta(hours=1)
+    assert len(await small_app.memory.recent_messages(conv_id, 100, since)) == 4
+    assert await small_app.memory.recent_messages(conv_id, 100, datetime.now(UTC)) == []
+    assert await _sections(small_app, datetime.now(UTC)) == []
+    (section,) = await _sections(small_app, since)
+    assert section.title == "Summary" and "4 messages" in section.body
+
+
+async def _sections(app: Quill, since: datetime) -> list[Any]:
+    results = app.plugins.hook.digest_sections(context=app.context, place=Place("discord", "g1", "c1"), since=since)
+    sections = [await r for r in results]
+    return [s for s in sections if s is not None]
+
+
+async def test_json_cut_short_falls_back_to_plain_notes(small_app: Quill) -> None:
+    summarizer = Summarizer(small_app.context)
+    summarizer.final_tokens = 8  # far too few for the four JSON lists
+    summary = await summarizer.final("summarize_chunk", ["Ada: ship on Thursday", "Bea: after QA"])
+    assert isinstance(summary, str) and summarizer.stats.calls == 2
+    assert render(summary, summarizer.stats).startswith(f"**Notes**\n{summary}")
