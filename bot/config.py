@@ -131,8 +131,8 @@ class Settings(BaseSettings):
     # context, each keeping its evaluated prefix warm between turns.
     engine_mode: Literal["batched", "single"] = "single"
     batch_streams: int = Field(default=8, ge=1, le=64)
-    batch_sequences: int = Field(default=32, ge=2, le=256)
-    batch_kv_mb: int = Field(default=512, ge=1)
+    batch_kv_mb: int = Field(default=192, ge=1)
+    batch_cache_mb: int = Field(default=512, ge=0)
     batch_prefill_chunk: int = Field(default=192, ge=16)
 
     @cached_property

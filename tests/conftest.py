@@ -56,14 +56,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEngine]:
 @pytest.fixture(scope="session")
 def batched_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedEngine]:
     """The batched engine on the same model, shared by the session: a KV pool of exactly n_ctx
-    (1,024) cells (QUILL_BATCH_KV_MB=1), small prefill chunks and 4 streams, so tests reach its
-    limits quickly."""
+    (1,024) cells (QUILL_BATCH_KV_MB=1), 16 MB for saved conversations (about 700 tokens), small
+    prefill chunks and 4 streams, so tests reach its limits quickly."""
     settings = make_settings(
         tmp_path_factory.mktemp("batched"),
         n_ctx=1024,
         batch_kv_mb=1,
+        batch_cache_mb=16,
         batch_streams=4,
-        batch_sequences=8,
         batch_prefill_chunk=64,
     )
     eng = BatchedEngine(settings)

@@ -39,7 +39,7 @@ def snapshot(engine: BatchedEngine) -> BatchStats:
 def assert_no_sequence_leaked(engine: BatchedEngine) -> None:
     s = engine.stats
     assert s.running == 0
-    assert s.running + s.warm + s.free == s.sequences
+    assert s.free == s.sequences
 
 
 async def test_greedy_replies_match_single_mode(engine: LocalEngine, batched_engine: BatchedEngine) -> None:
@@ -98,32 +98,47 @@ async def test_returning_conversation_evaluates_only_its_new_tokens(batched_engi
     assert evaluated <= await batched_engine.count_tokens(follow_up) + 2 * MESSAGE_OVERHEAD_TOKENS
 
 
-async def test_oldest_warm_conversation_is_evicted_never_a_running_one(batched_engine: BatchedEngine) -> None:
-    """The pool holds n_ctx (1,024) cells: three ~270-token conversations and the running reply
-    fit, a fourth conversation does not."""
+async def test_least_recently_used_conversation_is_dropped_beyond_the_cache_budget(
+    batched_engine: BatchedEngine,
+) -> None:
+    """The saved states may take 16 MB (QUILL_BATCH_CACHE_MB): two ~300-token conversations fit,
+    a third pushes the oldest out."""
+    budget = batched_engine.settings.batch_cache_mb * 2**20
     short = GenerationOptions(max_tokens=4, temperature=0.0)
-    talks = {name: [ChatMessage("system", filler(name, 90)), ChatMessage("user", "Hi.")] for name in "WXYZ"}
+    talks = {name: [ChatMessage("system", filler(name, 100)), ChatMessage("user", "Hi.")] for name in "WXY"}
+    before = snapshot(batched_engine)
     for name in "WXY":
         await batched_engine.chat(talks[name], short)
-    before = snapshot(batched_engine)
-    running_alone = await batched_engine.chat(COUNTING, GREEDY)
-    pieces: list[str] = []
-    async for piece in batched_engine.stream(COUNTING, GREEDY):
-        if not pieces:  # Z arrives while the counting reply is running and needs room
-            await batched_engine.chat(talks["Z"], short)
-        pieces.append(piece)
+        assert batched_engine.stats.warm_bytes <= budget
+    one_state = batched_engine.stats.warm_bytes / batched_engine.stats.warm
+    assert budget / 3 < one_state <= budget / 2  # the premise: two fit, three do not
     assert batched_engine.stats.evictions > before.evictions
-    await assert_same_or_near_tie(batched_engine, COUNTING, running_alone.text, "".join(pieces))
 
     def reused_by(stats_before: BatchStats) -> int:
         return batched_engine.stats.prompt_tokens_reused - stats_before.prompt_tokens_reused
 
     mark = snapshot(batched_engine)
-    await batched_engine.chat(talks["Y"], short)  # the newest warm one: still there
+    await batched_engine.chat(talks["Y"], short)  # the newest: still saved
     assert reused_by(mark) > 200
     mark = snapshot(batched_engine)
-    await batched_engine.chat(talks["W"], short)  # the oldest: evicted, evaluated again
+    await batched_engine.chat(talks["W"], short)  # the oldest: dropped, evaluated again
     assert reused_by(mark) < 10
+    assert_no_sequence_leaked(batched_engine)
+
+
+async def test_a_request_that_does_not_fit_beside_a_running_one_waits_and_is_answered(
+    batched_engine: BatchedEngine,
+) -> None:
+    """Two replies that each reserve more than half of the 1,024-cell pool: the second starts
+    when the first leaves, and neither is cut short or broken."""
+    options = GenerationOptions(max_tokens=120, temperature=0.0)
+    talks = [[ChatMessage("system", filler(name, 130)), ChatMessage("user", "Count to 20.")] for name in ("Fay", "Gus")]
+    for talk in talks:
+        assert await batched_engine.count_tokens(talk[0].content) + options.max_tokens > 512
+    alone = [await batched_engine.chat(talk, options) for talk in talks]
+    together = await asyncio.gather(*(batched_engine.chat(talk, options) for talk in talks))
+    for talk, a, t in zip(talks, alone, together, strict=True):
+        await assert_same_or_near_tie(batched_engine, talk, a.text, t.text)
     assert_no_sequence_leaked(batched_engine)
 
 
