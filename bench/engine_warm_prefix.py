@@ -2,8 +2,8 @@
 
 Eight conversations each send a first turn (cold: the whole history is evaluated), then each
 sends a second turn in the same order, so every follow-up comes after the seven others ran.
-Batched mode keeps each conversation's sequence warm; single mode (the baseline, same run) has
-only `Llama`'s one context, which the other conversations overwrote.
+Batched mode saves each conversation's state in host memory and restores it; single mode (the
+baseline, same run) has only `Llama`'s one context, which the other conversations overwrote.
 
     python -m bench.engine_warm_prefix [--runs 3] [--words 640] [--modes batched,single]
 """
@@ -44,7 +44,7 @@ async def one_mode(mode: str, runs: int, words: int, threads: int) -> dict[str, 
                 follow = [*talk, ChatMessage("assistant", reply), ChatMessage("user", "Another one?")]
                 warm.append((await first_token(engine, follow))[0])
         stats = getattr(engine, "stats", None)
-        cache_mb = stats.warm_tokens * stats.kv_bytes_per_token / 2**20 if stats else 0.0
+        cache_mb = stats.warm_bytes / 2**20 if stats else 0.0
         warm_tokens = stats.warm_tokens if stats else 0
     finally:
         await engine.close()
@@ -72,8 +72,8 @@ async def main() -> None:
         )
         if mode == "batched":
             print(
-                f"         prefix cache: {r['warm_tokens']} tokens warm = {r['cache_mb']:.1f} MB of KV "
-                f"(all {args.runs * 8} conversations kept)"
+                f"         saved states: {r['warm_tokens']} tokens = {r['cache_mb']:.1f} MB of host memory "
+                f"(QUILL_BATCH_CACHE_MB bounds it)"
             )
     if {"batched", "single"} <= results.keys():
         ratio = results["batched"]["warm"] / results["single"]["warm"]

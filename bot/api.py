@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 BOT_AUTHOR_ID = "quill"
+# Shown when the model's reply is empty (whitespace only), so the user is never left with nothing.
+NO_ANSWER = "(The model gave no answer to that. Try rephrasing your message.)"
 
 
 @dataclass(frozen=True)
@@ -201,13 +203,16 @@ class PluginContext:
         return Reply(stream=self._remember(conv.id, self.engine.stream(messages, options)))
 
     async def _remember(self, conversation_id: int, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Pass the reply through and store it once complete; a reply cut short is not stored."""
+        """Pass the reply through and store it once complete; a reply cut short is not stored.
+        A model that answers nothing (it happens on odd input) gets a line saying so, unstored."""
         parts: list[str] = []
         async for piece in pieces:
             parts.append(piece)
             yield piece
         text = "".join(parts).strip()
-        if text:
+        if not text:
+            yield NO_ANSWER
+        else:
             await self.memory.add_message(
                 conversation_id,
                 role="assistant",

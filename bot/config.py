@@ -129,9 +129,9 @@ class Settings(BaseSettings):
     moderation_classify: bool = False
     # Local engine mode (bot/engine/batched.py): several conversations decoded together in one
     # context, each keeping its evaluated prefix warm between turns.
-    engine_mode: Literal["batched", "single"] = "single"
+    engine_mode: Literal["batched", "single"] = "batched"
     batch_streams: int = Field(default=8, ge=1, le=64)
-    batch_kv_mb: int = Field(default=192, ge=1)
+    batch_kv_mb: int = Field(default=128, ge=1)
     batch_cache_mb: int = Field(default=512, ge=0)
     batch_prefill_chunk: int = Field(default=192, ge=16)
 

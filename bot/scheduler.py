@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -155,6 +156,9 @@ class Scheduler:
         self.posters: dict[str, Poster] = {}
         self.leading = False
         self._lock_conn: Connection | None = None
+        # The lock's connection is used from worker threads; a check still running when the
+        # watch is cancelled must finish before the connection is closed.
+        self._lock_guard = threading.Lock()
         self._watch: asyncio.Task[None] | None = None
         self.aps = AsyncIOScheduler(
             jobstores={
@@ -195,9 +199,13 @@ class Scheduler:
         if self.aps.running:
             self.aps.shutdown(wait=False)
         self.leading = False
-        if self._lock_conn is not None:
-            await asyncio.to_thread(self._lock_conn.close)  # ends the session: the lock goes with it
-            self._lock_conn = None
+        await asyncio.to_thread(self._release_lock)
+
+    def _release_lock(self) -> None:
+        with self._lock_guard:
+            if self._lock_conn is not None:
+                self._lock_conn.close()  # detached from the pool: ends the session and the lock with it
+                self._lock_conn = None
 
     async def _keep_watch(self) -> None:
         """Followers retry the lock; the leader wakes up to see jobs other processes added."""
@@ -221,29 +229,36 @@ class Scheduler:
     def _acquire_lock(self) -> bool:
         if self.db.dialect.name != "postgresql":
             return True
-        if self._lock_conn is None:
-            self._lock_conn = self.db.connect()
-        conn = self._lock_conn
-        where = conn.execute(text("SELECT current_database() || '.' || current_schema()")).scalar_one()
-        key = zlib.crc32(f"quill-scheduler:{where}".encode())  # one leader per database schema
-        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar_one())
-        conn.commit()
-        return got
+        with self._lock_guard:
+            if self._lock_conn is None:
+                conn = self.db.connect()
+                # The lock lives as long as the database session: a connection the pool kept
+                # (and gave to someone else) would keep holding it after close.
+                conn.detach()
+                self._lock_conn = conn
+            conn = self._lock_conn
+            where = conn.execute(text("SELECT current_database() || '.' || current_schema()")).scalar_one()
+            key = zlib.crc32(f"quill-scheduler:{where}".encode())  # one leader per database schema
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar_one())
+            conn.commit()
+            return got
 
     def _check_lock(self) -> None:
         """A leader whose lock session broke stops running jobs (another may have taken over)."""
-        if self._lock_conn is None:
-            return
-        try:
-            self._lock_conn.execute(text("SELECT 1"))
-            self._lock_conn.commit()
-        except Exception:
-            log.warning("scheduler: lost the database session holding the lock; pausing")
-            self.aps.pause()
-            self.leading = False
-            with contextlib.suppress(Exception):
-                self._lock_conn.close()
-            self._lock_conn = None
+        with self._lock_guard:
+            if self._lock_conn is None:
+                return
+            try:
+                self._lock_conn.execute(text("SELECT 1"))
+                self._lock_conn.commit()
+                return
+            except Exception:
+                log.warning("scheduler: lost the database session holding the lock; pausing")
+                with contextlib.suppress(Exception):
+                    self._lock_conn.close()
+                self._lock_conn = None
+        self.aps.pause()
+        self.leading = False
 
     # -- jobs ------------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.api import Command, Option, PluginContext, Reply, Request, hookimpl
+from bot.api import NO_ANSWER, Command, Option, PluginContext, Reply, Request, hookimpl
 from bot.app import Quill
+from bot.engine import GenerationOptions
 from bot.plugins import make_plugin_manager
 from bot.router import Router, clean_text
 
@@ -166,6 +167,15 @@ async def test_conversation_goes_to_the_chat_plugin_and_is_stored(router: Router
         ("assistant", answer.strip()),
     ]
     assert stored[0].external_id == "m1" and stored[0].author_name == "Ada" and stored[0].token_count > 0
+
+
+async def test_an_empty_model_reply_is_said_and_not_stored(app: Quill) -> None:
+    # A grammar that lets the real model answer only a space: what it does on some odd input.
+    blank = GenerationOptions(max_tokens=4, temperature=0.0, grammar='root ::= " "')
+    reply = await app.context.converse(request("````````"), "You are terse.", blank)
+    assert await read(reply) == " " + NO_ANSWER
+    conv = await app.memory.conversation("test", "", "c1")
+    assert [m.role for m in await app.memory.history(conv.id, 10_000)] == ["user"]
 
 
 async def test_message_too_long_for_the_context_is_refused_and_kept(router: Router, app: Quill) -> None:
