@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text as sql
 
 from bot.api import Place, Reply, Request
 from bot.app import Quill
@@ -234,6 +236,37 @@ async def test_two_processes_on_one_postgres_never_both_run_a_job(
         two.scheduler.aps.modify_job("e", next_run_time=datetime.now(UTC))
         two.scheduler.aps.wakeup()
         await wait_for(lambda: len(posts(two)) == 1)
+    finally:
+        await one.close(close_engine=False)
+        await two.close(close_engine=False)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_a_leader_whose_lock_session_dies_stops_and_the_follower_takes_over(
+    tmp_path: Path, db_url: str, engine: LocalEngine
+) -> None:
+    settings = make_settings(tmp_path, database_url=db_url, scheduler_poll_seconds=0.2)
+    one, two = await started(settings, engine), await started(settings, engine)
+    try:
+        await one.scheduler.run_jobs()
+        await two.scheduler.run_jobs()
+        assert (one.scheduler.leading, two.scheduler.leading) == (True, False)
+        # The database ends the leader's lock session (a restart, a network cut, an admin).
+        with one.memory.engine.connect() as conn:
+            where = conn.execute(sql("SELECT current_database() || '.' || current_schema()")).scalar_one()
+            key = zlib.crc32(f"quill-scheduler:{where}".encode())
+            ended = conn.execute(
+                sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND objid = :key AND granted"
+                ),
+                {"key": key},
+            ).all()
+        assert ended == [(True,)]
+        await wait_for(lambda: not one.scheduler.leading)
+        await wait_for(lambda: two.scheduler.leading)
+        await asyncio.sleep(0.6)  # the old leader retries, but the lock is taken
+        assert not one.scheduler.leading
     finally:
         await one.close(close_engine=False)
         await two.close(close_engine=False)
