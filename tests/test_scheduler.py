@@ -212,64 +212,62 @@ async def test_a_paused_job_does_not_run(bot: Quill) -> None:
     assert posts(bot) == []
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_two_processes_on_one_postgres_never_both_run_a_job(
-    tmp_path: Path, db_url: str, engine: LocalEngine
-) -> None:
+@pytest.fixture
+async def two_processes(tmp_path: Path, db_url: str, engine: LocalEngine) -> AsyncIterator[tuple[Quill, Quill]]:
+    """Two bot processes on one database, their schedulers polling every 0.2 s."""
     settings = make_settings(tmp_path, database_url=db_url, scheduler_poll_seconds=0.2)
     one, two = await started(settings, engine), await started(settings, engine)
-    try:
-        await seed(one)
-        await ask(one, "/schedule add d daily 09:00 /digest")
-        await one.scheduler.run_jobs()
-        await two.scheduler.run_jobs()
-        assert (one.scheduler.leading, two.scheduler.leading) == (True, False)
-        one.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC))
-        one.scheduler.aps.wakeup()
-        await wait_for(lambda: len(posts(one)) == 1)
-        await asyncio.sleep(1.0)  # the follower polls every 0.2 s: it must still not run it
-        assert (len(posts(one)), len(posts(two))) == (1, 0)
+    yield one, two
+    await one.close(close_engine=False)
+    await two.close(close_engine=False)
 
-        await one.close(close_engine=False)  # the leader dies; the follower takes over
-        await wait_for(lambda: two.scheduler.leading)
-        await ask(two, "/schedule add e daily 09:00 /digest")
-        two.scheduler.aps.modify_job("e", next_run_time=datetime.now(UTC))
-        two.scheduler.aps.wakeup()
-        await wait_for(lambda: len(posts(two)) == 1)
-    finally:
-        await one.close(close_engine=False)
-        await two.close(close_engine=False)
+
+async def lead(one: Quill, two: Quill) -> None:
+    """Start both schedulers: the first takes the lock, the second follows."""
+    await one.scheduler.run_jobs()
+    await two.scheduler.run_jobs()
+    assert (one.scheduler.leading, two.scheduler.leading) == (True, False)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_two_processes_on_one_postgres_never_both_run_a_job(two_processes: tuple[Quill, Quill]) -> None:
+    one, two = two_processes
+    await seed(one)
+    await ask(one, "/schedule add d daily 09:00 /digest")
+    await lead(one, two)
+    one.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC))
+    one.scheduler.aps.wakeup()
+    await wait_for(lambda: len(posts(one)) == 1)
+    await asyncio.sleep(1.0)  # the follower polls every 0.2 s: it must still not run it
+    assert (len(posts(one)), len(posts(two))) == (1, 0)
+
+    await one.close(close_engine=False)  # the leader dies; the follower takes over
+    await wait_for(lambda: two.scheduler.leading)
+    await ask(two, "/schedule add e daily 09:00 /digest")
+    two.scheduler.aps.modify_job("e", next_run_time=datetime.now(UTC))
+    two.scheduler.aps.wakeup()
+    await wait_for(lambda: len(posts(two)) == 1)
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 async def test_a_leader_whose_lock_session_dies_stops_and_the_follower_takes_over(
-    tmp_path: Path, db_url: str, engine: LocalEngine
+    two_processes: tuple[Quill, Quill],
 ) -> None:
-    settings = make_settings(tmp_path, database_url=db_url, scheduler_poll_seconds=0.2)
-    one, two = await started(settings, engine), await started(settings, engine)
-    try:
-        await one.scheduler.run_jobs()
-        await two.scheduler.run_jobs()
-        assert (one.scheduler.leading, two.scheduler.leading) == (True, False)
-        # The database ends the leader's lock session (a restart, a network cut, an admin).
-        with one.memory.engine.connect() as conn:
-            where = conn.execute(sql("SELECT current_database() || '.' || current_schema()")).scalar_one()
-            key = zlib.crc32(f"quill-scheduler:{where}".encode())
-            ended = conn.execute(
-                sql(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                    "WHERE locktype = 'advisory' AND objid = :key AND granted"
-                ),
-                {"key": key},
-            ).all()
-        assert ended == [(True,)]
-        await wait_for(lambda: not one.scheduler.leading)
-        await wait_for(lambda: two.scheduler.leading)
-        await asyncio.sleep(0.6)  # the old leader retries, but the lock is taken
-        assert not one.scheduler.leading
-    finally:
-        await one.close(close_engine=False)
-        await two.close(close_engine=False)
+    one, two = two_processes
+    await lead(one, two)
+    # The database ends the leader's lock session (a restart, a network cut, an admin).
+    with one.memory.engine.connect() as conn:
+        where = conn.execute(sql("SELECT current_database() || '.' || current_schema()")).scalar_one()
+        key = zlib.crc32(f"quill-scheduler:{where}".encode())
+        ended = conn.execute(
+            sql("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype='advisory' AND objid=:k AND granted"),
+            {"k": key},
+        ).all()
+    assert ended == [(True,)]
+    await wait_for(lambda: not one.scheduler.leading)
+    await wait_for(lambda: two.scheduler.leading)
+    await asyncio.sleep(0.6)  # the old leader retries, but the lock is taken
+    assert not one.scheduler.leading
 
 
 async def test_the_console_posts_scheduled_replies_to_screen_and_a_markdown_file(bot: Quill) -> None:
