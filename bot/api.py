@@ -6,6 +6,7 @@ Plugins import from here and from nothing else in `bot/`, so the core can change
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 BOT_AUTHOR_ID = "quill"
+# Set by the router around each handler: renews its time-out (see PluginContext.progress).
+RENEW_DEADLINE: ContextVar[Callable[[], None] | None] = ContextVar("quill_renew_deadline", default=None)
 # Shown when the model's reply is empty (whitespace only), so the user is never left with nothing.
 NO_ANSWER = "(The model gave no answer to that. Try rephrasing your message.)"
 
@@ -160,6 +163,13 @@ class PluginContext:
     def search(self) -> Search:
         """The knowledge base and full-text search over it and past messages (bot/search.py)."""
         return Search(self.memory.engine)
+
+    def progress(self) -> None:
+        """Say the request being handled is still moving (a summary's next part is done): its
+        QUILL_PLUGIN_TIMEOUT starts again, so long work is stopped only when it stalls."""
+        renew = RENEW_DEADLINE.get()
+        if renew is not None:
+            renew()
 
     def options(self, **overrides: object) -> GenerationOptions:
         """Generation options from the settings, with per-call overrides."""

@@ -8,6 +8,7 @@ logged and answered with a short apology, and the others keep working.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -19,7 +20,7 @@ from typing import Any
 
 import pluggy
 
-from bot.api import Command, Place, PluginContext, Reply, Request, Section
+from bot.api import RENEW_DEADLINE, Command, Place, PluginContext, Reply, Request, Section
 from bot.engine import EngineError
 from bot.memory import StorageError
 
@@ -161,7 +162,7 @@ class Router:
         sections = []
         for impl in self.plugins.hook.digest_sections.get_hookimpls():
             try:
-                async with asyncio.timeout(self.context.settings.plugin_timeout):
+                async with self._deadline():
                     section = impl.function(context=self.context, place=place, since=since)
                     if inspect.isawaitable(section):
                         section = await section
@@ -184,10 +185,29 @@ class Router:
             )
         return None
 
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """QUILL_PLUGIN_TIMEOUT for a handler, renewed each time it reports progress (with the
+        deadlines around it: /digest's, when a digest section makes progress)."""
+        seconds = self.context.settings.plugin_timeout
+        outer = RENEW_DEADLINE.get()
+        async with asyncio.timeout(seconds) as deadline:
+            loop = asyncio.get_running_loop()
+
+            def renew() -> None:
+                deadline.reschedule(loop.time() + seconds)
+                if outer is not None:
+                    outer()
+
+            token = RENEW_DEADLINE.set(renew)
+            try:
+                yield
+            finally:
+                RENEW_DEADLINE.reset(token)
+
     async def _call(self, command: Command, request: Request) -> Reply:
-        timeout = self.context.settings.plugin_timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with self._deadline():
                 reply = await command.handler(self.context, request)
         except Exception as exc:
             return self._failure(command, exc)

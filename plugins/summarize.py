@@ -163,6 +163,7 @@ class Summarizer:
         self.stats.calls += 1
         options = self.ctx.options(max_tokens=self.note_tokens)
         result = await self.ctx.engine.chat(self._messages(prompt, texts, final=False), options)
+        self.ctx.progress()  # a part is done: a long summary is stopped only if it stalls
         # Cut to the note size whatever re-tokenizing says, so every merge round halves the notes.
         (note,), _ = await self.fit([result.text.strip() or "(nothing notable)"], self.note_tokens + 1)
         return note

@@ -6,11 +6,12 @@ import asyncio
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from bot.api import NO_ANSWER, Command, Option, PluginContext, Reply, Request, hookimpl
+from bot.api import NO_ANSWER, Command, Option, Place, PluginContext, Reply, Request, Section, hookimpl
 from bot.app import Quill
 from bot.engine import GenerationOptions
 from bot.plugins import make_plugin_manager
@@ -149,6 +150,47 @@ async def test_a_hanging_plugin_times_out(router: Router, app: Quill) -> None:
     app.settings.plugin_timeout = 0.5
     reply = await router.handle(request("/hang"))
     assert reply.failed and "took too long" in reply.text
+
+
+class SlowButSteady:
+    """Work longer than the time-out in steps, each one reported: as a command, and as a digest
+    section inside a command (the summarizer's case)."""
+
+    @staticmethod
+    async def steps(ctx: PluginContext) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.15)
+            ctx.progress()
+
+    @hookimpl
+    def register_commands(self, register: Callable[[Command], None]) -> None:
+        async def steady(ctx: PluginContext, req: Request) -> Reply:
+            await self.steps(ctx)
+            return Reply("steady done")
+
+        async def digest(ctx: PluginContext, req: Request) -> Reply:
+            assert ctx.digest_sections is not None
+            sections = await ctx.digest_sections(Place("test", "", "c1"), datetime.now(UTC))
+            return Reply(" ".join(s.body for s in sections))
+
+        register(Command("steady", "slow but reports progress", steady))
+        register(Command("digest", "a digest of slow sections", digest))
+
+    @hookimpl
+    async def digest_sections(self, context: PluginContext, place: Place, since: datetime) -> Section:
+        await self.steps(context)
+        return Section("Slow", "section done")
+
+
+async def test_a_plugin_reporting_progress_outlives_the_time_out(app: Quill) -> None:
+    app.settings.plugin_timeout = 0.4  # each run takes 0.75 s, in steps of 0.15 s
+    pm = make_plugin_manager()
+    pm.register(SlowButSteady(), "steady")
+    router = Router(app.context, pm)
+    app.context.digest_sections = router.digest_sections
+    assert (await router.handle(request("/steady"))).text == "steady done"
+    assert "section done" in (await router.handle(request("/digest"))).text
+    app.context.progress()  # outside any handler: nothing to renew, no error
 
 
 async def test_a_stream_failing_mid_way_ends_with_an_apology(router: Router) -> None:
