@@ -140,6 +140,9 @@ class Command:
     usage: str = ""
     admin: bool = False
     options: tuple[Option, ...] = ()
+    # Its text is a document (/kb-add), bounded by QUILL_MAX_DOCUMENT_CHARS, not by the message
+    # limit QUILL_MAX_INPUT_CHARS.
+    document: bool = False
 
 
 @dataclass

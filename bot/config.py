@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     prompts_dir: Path = REPO_ROOT / "prompts"
     conversation_command: str = "chat"
     max_input_chars: int = Field(default=8000, ge=100)
+    max_document_chars: int = Field(default=200_000, ge=100)
     plugin_timeout: float = Field(default=300.0, gt=0)
     admin_ids: list[str] = Field(default_factory=list)
     retention_days: int = Field(default=0, ge=0)

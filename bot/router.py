@@ -107,7 +107,10 @@ class Router:
     async def handle(self, request: Request) -> Reply:
         """Answer a message addressed to the bot: a `/command` or conversation. Never raises."""
         text = clean_text(request.text)
-        if refusal := self._refuse_input(text):
+        if not text:
+            return Reply("I got an empty message. Type a question, or /help for commands.", failed=True)
+        # The exact limit depends on the command (run_command checks it); nothing passes the largest.
+        if refusal := self._too_long(text, self._input_limit(None)):
             return refusal
         if not text.startswith("/"):
             conversation = self.context.settings.conversation_command
@@ -132,8 +135,8 @@ class Router:
             log.warning("refused admin command /%s for user %s", name, request.author_id)
             return Reply(f"/{name} is for admins only.", failed=True)
         text = clean_text(request.text)
-        if len(text) > self.context.settings.max_input_chars:
-            return self._refuse_input(text) or Reply()
+        if refusal := self._too_long(text, self._input_limit(command)):
+            return refusal
         missing = [o.name for o in command.options if o.required and not request.options.get(o.name)]
         if missing:
             return Reply(f"/{name} needs {', '.join(missing)}. Usage: {usage_line(command)}", failed=True)
@@ -173,17 +176,25 @@ class Router:
                 sections.append(section)
         return sections
 
-    def _refuse_input(self, text: str) -> Reply | None:
-        limit = self.context.settings.max_input_chars
-        if not text:
-            return Reply("I got an empty message. Type a question, or /help for commands.", failed=True)
-        if len(text) > limit:
-            return Reply(
-                f"That message is {len(text):,} characters; I take at most {limit:,} "
-                "(QUILL_MAX_INPUT_CHARS). Please shorten it or split it up.",
-                failed=True,
-            )
-        return None
+    def _input_limit(self, command: Command | None) -> tuple[int, str]:
+        """The longest text `command` takes (None: any command), and the setting saying so."""
+        settings = self.context.settings
+        message = (settings.max_input_chars, "QUILL_MAX_INPUT_CHARS")
+        document = (settings.max_document_chars, "QUILL_MAX_DOCUMENT_CHARS")
+        if command is None:
+            return max(message, document)
+        return document if command.document else message
+
+    @staticmethod
+    def _too_long(text: str, limit: tuple[int, str]) -> Reply | None:
+        most, setting = limit
+        if len(text) <= most:
+            return None
+        return Reply(
+            f"That message is {len(text):,} characters; I take at most {most:,} "
+            f"({setting}). Please shorten it or split it up.",
+            failed=True,
+        )
 
     @contextlib.asynccontextmanager
     async def _deadline(self) -> AsyncIterator[None]:

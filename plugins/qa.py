@@ -127,6 +127,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             "<text>",
             admin=True,
             options=(Option("name", "document name", required=True),),
+            document=True,
         )
     )
     register(Command("kb-list", "list the knowledge base's documents", kb_list))

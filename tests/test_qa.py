@@ -55,6 +55,18 @@ def test_passages_are_cut_at_boundaries_and_keep_everything() -> None:
     assert all(p.startswith("Paragraph") for p in passages)
 
 
+async def test_a_document_may_be_far_longer_than_a_message(app: Quill) -> None:
+    app.settings.max_input_chars, app.settings.max_document_chars = 1_000, 30_000
+    long_doc = "\n\n".join(f"Section {i}: the deploy runbook step {i} uses the staging cluster." for i in range(300))
+    assert 1_000 < len(long_doc) < 30_000
+    added = await say(app, f"/kb-add name:runbook {long_doc}")
+    assert "Added “runbook”" in added
+    chat = await app.router.handle(request(long_doc))
+    assert chat.failed and "QUILL_MAX_INPUT_CHARS" in chat.text
+    too_long = await app.router.handle(request("/kb-add name:huge " + "x" * 30_001))
+    assert too_long.failed and "QUILL_MAX_DOCUMENT_CHARS" in too_long.text
+
+
 async def test_kb_add_list_remove_and_admin_only(app: Quill) -> None:
     assert "Added “deploy guide”" in await say(app, f'/kb-add name:"deploy guide" {GUIDE}')
     assert "deploy guide (1 passage)" in await say(app, "/kb-list", is_admin=False)
