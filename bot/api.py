@@ -113,6 +113,9 @@ class Reply:
     # Ask the transport to delete the message the request came from (moderation, and only where
     # an admin turned deletion on); a transport that cannot delete ignores it.
     delete_original: bool = False
+    # The stored answer's row, set once the stream has finished (by converse): the transport
+    # links the message it posted to it, so a reaction approves this answer and no other.
+    answer_id: int | None = None
 
 
 Handler = Callable[["PluginContext", Request], Awaitable[Reply]]
@@ -213,9 +216,11 @@ class PluginContext:
         history = await self.memory.history(conv.id, budget, per_message=MESSAGE_OVERHEAD_TOKENS)
         messages = [ChatMessage("system", system_prompt)]
         messages += [ChatMessage(m.role, m.content) for m in history]
-        return Reply(stream=self._remember(conv.id, self.engine.stream(messages, options)))
+        reply = Reply()
+        reply.stream = self._remember(conv.id, self.engine.stream(messages, options), reply)
+        return reply
 
-    async def _remember(self, conversation_id: int, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _remember(self, conversation_id: int, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
         """Pass the reply through and store it once complete; a reply cut short is not stored.
         A model that answers nothing (it happens on odd input) gets a line saying so, unstored."""
         parts: list[str] = []
@@ -226,7 +231,7 @@ class PluginContext:
         if not text:
             yield NO_ANSWER
         else:
-            await self.memory.add_message(
+            stored = await self.memory.add_message(
                 conversation_id,
                 role="assistant",
                 content=text,
@@ -234,3 +239,4 @@ class PluginContext:
                 author_name=self.settings.bot_name,
                 token_count=await self.engine.count_tokens(text),
             )
+            reply.answer_id = stored.id

@@ -1,6 +1,6 @@
 """The fine-tune loop: approved answers -> dataset -> LoRA adapter -> eval gate -> hot swap.
 
-1. People approve good answers (`/good`; the Discord 👍 calls the same `approve_last_answer`).
+1. People approve good answers (`/good` approves the latest; a Discord 👍 the answer it is on).
 2. `/finetune export` builds a chat-format JSONL dataset from approved exchanges in channels
    where fine-tuning is enabled (`/finetune enable`), with ids, emails and tokens scrubbed,
    split into train and held-out files.
@@ -85,9 +85,9 @@ class Dataset:
 # -- approvals ------------------------------------------------------------------------------
 
 
-def _approve(memory: Memory, place: Place, user_id: str) -> Message | None:
+def _approve(memory: Memory, place: Place, user_id: str, external_id: str | None) -> Message | None:
     with Session(memory.engine, expire_on_commit=False) as session:
-        answer = session.exec(
+        query = (
             select(Message)
             .join(Conversation, col(Conversation.id) == col(Message.conversation_id))
             .where(
@@ -97,7 +97,10 @@ def _approve(memory: Memory, place: Place, user_id: str) -> Message | None:
                 Message.role == "assistant",
             )
             .order_by(col(Message.created_at).desc(), col(Message.id).desc())
-        ).first()
+        )
+        if external_id is not None:
+            query = query.where(Message.external_id == external_id)
+        answer = session.exec(query).first()
         if answer is None:
             return None
         session.add(Approval(message_id=answer.id, approved_by=user_id))
@@ -108,9 +111,10 @@ def _approve(memory: Memory, place: Place, user_id: str) -> Message | None:
         return answer
 
 
-async def approve_last_answer(memory: Memory, place: Place, user_id: str) -> Message | None:
-    """Approve the bot's latest answer in `place` for training; None when it has not answered."""
-    return await asyncio.to_thread(_approve, memory, place, user_id)
+async def approve_answer(memory: Memory, place: Place, user_id: str, external_id: str | None = None) -> Message | None:
+    """Approve for training the bot's answer in `place` posted as `external_id` (a reaction on
+    it), or its latest answer there (/good); None when there is no such answer."""
+    return await asyncio.to_thread(_approve, memory, place, user_id, external_id)
 
 
 # -- dataset --------------------------------------------------------------------------------
@@ -341,7 +345,7 @@ FINETUNE_USAGE = "/finetune enable | disable | export | train | status | rollbac
 
 async def good(ctx: PluginContext, request: Request) -> Reply:
     place = Place(request.transport, request.guild_id, request.channel_id)
-    answer = await approve_last_answer(ctx.memory, place, request.author_id)
+    answer = await approve_answer(ctx.memory, place, request.author_id)
     if answer is None:
         return Reply("I have not answered anything here yet.", failed=True)
     return Reply("Thanks: that answer is kept as a good example for fine-tuning.")

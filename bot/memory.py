@@ -315,6 +315,13 @@ class Memory:
             return conn.execute(query).rowcount
 
     @_off_loop
+    def link_external(self, message_id: int, external_id: str) -> None:
+        """Record the transport's id for a stored message (the Discord message an answer was
+        posted as), so later events about it (a reaction, a deletion) find it."""
+        with self.engine.begin() as conn:
+            conn.execute(update(Message).where(col(Message.id) == message_id).values(external_id=external_id))
+
+    @_off_loop
     def delete_external(self, external_id: str) -> int:
         """Follow a deletion made on the transport; returns rows deleted."""
         with self.engine.begin() as conn:

@@ -529,18 +529,23 @@ async def test_scheduled_replies_are_posted_to_their_target_channel(bot: QuillCl
     assert posted.embeds[0].title == "Digest" and posted.embeds[0].description == "Three things happened."
 
 
-async def test_a_thumbs_up_on_an_answer_approves_it_for_fine_tuning(bot: QuillClient, app: Quill) -> None:
+async def test_a_thumbs_up_approves_the_answer_it_is_on_for_fine_tuning(bot: QuillClient, app: Quill) -> None:
     general = channel("general")
     await post(general, member("ada"), f"{bot.user.mention} Say hello.")
-    [answer] = await bot_messages(bot, general)
-    react(bot, answer, member("bob"), "👍")
-    react(bot, answer, member("bob"), "🎉")  # other emoji mean nothing
+    await post(general, member("ada"), f"{bot.user.mention} Name a colour.")
+    first, second = await bot_messages(bot, general)
+    await post(general, member("ada"), f"{bot.user.mention} /help")
+    help_text = (await bot_messages(bot, general))[-1]
+    react(bot, first, member("bob"), "👍")  # the older answer, not the latest
+    react(bot, first, member("bob"), "🎉")  # other emoji mean nothing
+    react(bot, help_text, member("bob"), "👍")  # not an answer: nothing to approve
     await dpytest.run_all_events()
     with Session(app.memory.engine) as session:
         approvals = session.exec(select(Approval)).all()
     assert [a.approved_by for a in approvals] == [str(member("bob").id)]
     stored_answer = session_get_message(app, approvals[0].message_id)
-    assert stored_answer.role == "assistant" and stored_answer.content == answer.content.strip()
+    assert stored_answer.role == "assistant" and stored_answer.content == first.content.strip()
+    assert stored_answer.external_id == str(first.id) and first.content != second.content
 
 
 def react(bot: QuillClient, message: discord.Message, user: discord.Member, emoji: str) -> None:

@@ -27,7 +27,7 @@ import discord
 from discord import app_commands
 
 from bot.api import Command, Place, Reply, Request
-from bot.finetune import approve_last_answer
+from bot.finetune import approve_answer
 from bot.memory import StorageError
 from bot.router import clean_text
 from bot.transports.splitting import DISCORD_MESSAGE_LIMIT, split_message
@@ -66,6 +66,10 @@ class DeliveryFailed(Exception):
 
 
 class Editable(Protocol):
+    """A posted message (a channel message, an interaction's response or follow-up)."""
+
+    id: int
+
     async def edit(self, **fields: Any) -> Any: ...
 
 
@@ -198,7 +202,8 @@ class QuillClientMixin:
             log.error("scheduled reply for %s not posted to %r", place, target)
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        """A 👍 on one of the bot's answers approves it for fine-tuning (like /good)."""
+        """A 👍 on one of the bot's answers approves that answer for fine-tuning (/good approves
+        the latest); on a message that is no stored answer (help text, say) it does nothing."""
         me = self.user  # type: ignore[attr-defined]
         if str(payload.emoji) != APPROVE_EMOJI or me is None or payload.user_id == me.id:
             return
@@ -206,11 +211,14 @@ class QuillClientMixin:
             return
         place = Place(TRANSPORT, str(payload.guild_id or ""), str(payload.channel_id))
         try:
-            approved = await approve_last_answer(self.app.memory, place, str(payload.user_id))
+            approved = await approve_answer(self.app.memory, place, str(payload.user_id), str(payload.message_id))
         except StorageError as exc:
             log.warning("approval not stored: %s", exc)
             return
-        log.info("answer %s approved by %s", approved.id if approved else None, payload.user_id)
+        if approved is None:
+            log.info("👍 on message %s, which is not a stored answer: nothing approved", payload.message_id)
+            return
+        log.info("answer %s approved by %s", approved.id, payload.user_id)
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -470,6 +478,8 @@ class QuillClientMixin:
                     await show(text)
                     shown_at = time.monotonic()
             await show(text)
+            if reply.answer_id is not None and posted:  # a reaction on it now finds this answer
+                await self._storing(self.app.memory.link_external(reply.answer_id, str(posted[0][0].id)))
             return True
         except DeliveryFailed as exc:
             log.warning("reply not delivered: %s", exc)
