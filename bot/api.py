@@ -49,8 +49,9 @@ __all__ = [
 BOT_AUTHOR_ID = "quill"
 # Set by the router around each handler: renews its time-out (see PluginContext.progress).
 RENEW_DEADLINE: ContextVar[Callable[[], None] | None] = ContextVar("quill_renew_deadline", default=None)
-# Shown when the model's reply is empty (whitespace only), so the user is never left with nothing.
-NO_ANSWER = "(The model gave no answer to that. Try rephrasing your message.)"
+# Shown for an empty (whitespace only) answer, by converse and by transports, so the user is
+# never left with nothing.
+NO_ANSWER = "(The answer came out empty. Please try again or rephrase.)"
 
 
 @dataclass(frozen=True)

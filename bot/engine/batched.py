@@ -361,8 +361,10 @@ class BatchedEngine(LocalEngine):
                 del self._saved[key]
         self._saved_key += 1
         self._saved[self._saved_key] = _Saved(list(seq.kv), state)
-        while sum(len(s.state) for s in self._saved.values()) > budget:
-            self._saved.popitem(last=False)
+        total = sum(len(s.state) for s in self._saved.values())
+        while total > budget:
+            _, dropped = self._saved.popitem(last=False)
+            total -= len(dropped.state)
             self.stats.evictions += 1
 
     def _update_gauges(self) -> None:

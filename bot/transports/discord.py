@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 import discord
 from discord import app_commands
 
-from bot.api import Command, Place, Reply, Request
+from bot.api import NO_ANSWER, Command, Place, Reply, Request
 from bot.finetune import approve_answer
 from bot.memory import StorageError
 from bot.router import clean_text
@@ -48,7 +48,6 @@ TEXT_OPTION = "text"
 TEXT_FILE_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".rst")
 MAX_TEXT_FILE = 1_000_000  # bytes; the router refuses text past QUILL_MAX_DOCUMENT_CHARS anyway
 HELP_CHANNELS = "help_channels"
-EMPTY_REPLY = "(The answer came out empty. Please try again or rephrase.)"
 ADMIN_REFUSAL = "This needs the Manage Server permission (or your id in QUILL_ADMIN_IDS)."
 # discord.py waits out rate limits itself; one longer than this raises RateLimited instead.
 MAX_RATE_LIMIT_WAIT = 30.0
@@ -454,7 +453,7 @@ class QuillClientMixin:
         limit = EMBED_LIMIT if reply.title else DISCORD_MESSAGE_LIMIT
 
         async def show(text: str) -> None:
-            for index, part in enumerate(split_message(text, limit) or [EMPTY_REPLY]):
+            for index, part in enumerate(split_message(text, limit) or [NO_ANSWER]):
                 fields = self._fields(part, reply.title if index == 0 else None)
                 if index < len(posted):
                     if posted[index][1] != part:
