@@ -5,6 +5,7 @@ Plugins import from here and from nothing else in `bot/`, so the core can change
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "GenerationOptions",
     "Hit",
     "Option",
+    "OptionError",
     "Place",
     "PluginContext",
     "Reply",
@@ -73,9 +75,17 @@ class Request:
     mentioned: bool = False
     is_dm: bool = False
     command: str | None = None
-    options: Mapping[str, str] = field(default_factory=dict)
+    # Checked against the command's `Option`s before a handler sees them: ints for int options.
+    options: Mapping[str, str | int] = field(default_factory=dict)
     # The text of the message this one replies to, where the transport knows it ("" otherwise).
     quoted: str = ""
+    # Who counts as an admin on this transport, said when an admin command is refused.
+    admin_hint: str = ""
+
+    def number(self, name: str) -> int | None:
+        """A whole-number option (already checked against its declaration); None if not given."""
+        value = self.options.get(name)
+        return value if isinstance(value, int) else None
 
 
 @dataclass(frozen=True)
@@ -122,16 +132,85 @@ class Reply:
 Handler = Callable[["PluginContext", Request], Awaitable[Reply]]
 
 
+class OptionError(ValueError):
+    """An option value a command cannot take; the message names the option and what it takes."""
+
+
+# The longest value of a text option that declares no `max` (a name, a language, a channel).
+OPTION_MAX_CHARS = 200
+# Digits past this are out of every range a command declares (and Discord's, 2**53).
+_MAX_DIGITS = 18
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes '²' and '٣'
+
+
 @dataclass(frozen=True)
 class Option:
     """A named option of a command: a Discord slash-command option, or `name:value` typed
-    before the free text in the console (`/translate to:fr Bonjour`)."""
+    before the free text in the console (`/translate to:fr Bonjour`).
+
+    Its type and bounds are declared here and checked once, by the router (and by Discord for
+    slash commands), so a handler only ever sees values it can use: an `int` within
+    `min`..`max`, or a non-empty `str` of at most `max` characters (OPTION_MAX_CHARS when
+    unset). `positional`: the command's free text is this option (`/retention 30`)."""
 
     name: str
     description: str
     required: bool = False
-    # Suggested values (autocomplete on Discord); not a closed list.
+    # Suggested values (autocomplete on Discord); the only ones accepted when `closed`.
     choices: tuple[str, ...] = ()
+    kind: type[int] | type[str] = str
+    min: int | None = None
+    max: int | None = None
+    closed: bool = False
+    positional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind is int and (self.min is None or self.max is None):
+            raise ValueError(f"option {self.name}: a whole-number option needs min and max")
+        if self.closed and not self.choices:
+            raise ValueError(f"option {self.name}: closed without choices")
+
+    @property
+    def longest(self) -> int:
+        return self.max if self.max is not None else OPTION_MAX_CHARS
+
+    def takes(self) -> str:
+        """What the option accepts, as said in a refusal."""
+        if self.closed:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is int:
+            return f"a whole number from {self.min:,} to {self.max:,}"
+        return f"text of 1 to {self.longest:,} characters"
+
+    def parse(self, value: str | int) -> str | int:
+        """The value as the handler gets it (cleaned text is expected); OptionError if refused."""
+        if isinstance(value, str):
+            value = value.strip()
+        if value == "":
+            raise OptionError(f"{self.name} is empty; it takes {self.takes()}.")
+        if self.closed:
+            wanted = str(value).casefold()
+            for choice in self.choices:
+                if choice.casefold() == wanted:
+                    return choice
+            raise self._refused(value)
+        if self.kind is int:
+            if isinstance(value, str):
+                if not _INTEGER.fullmatch(value) or len(value.lstrip("-")) > _MAX_DIGITS:
+                    raise self._refused(value)
+                value = int(value)
+            assert self.min is not None and self.max is not None
+            if isinstance(value, bool) or not self.min <= value <= self.max:
+                raise self._refused(value)
+            return value
+        text = str(value)
+        if len(text) > self.longest or (self.min is not None and len(text) < self.min):
+            raise self._refused(text)
+        return text
+
+    def _refused(self, value: object) -> OptionError:
+        shown = repr(value) if len(str(value)) <= 40 else f"{str(value)[:40]!r}… ({len(str(value)):,} characters)"
+        return OptionError(f"{self.name} takes {self.takes()}, not {shown}.")
 
 
 @dataclass(frozen=True)
@@ -147,6 +226,8 @@ class Command:
     # Its text is a document (/kb-add), bounded by QUILL_MAX_DOCUMENT_CHARS, not by the message
     # limit QUILL_MAX_INPUT_CHARS.
     document: bool = False
+    # Its answers concern one person's data (/forget): as a slash command only they see them.
+    private: bool = False
 
 
 @dataclass

@@ -30,7 +30,7 @@ class Quill:
         prompts = PromptLoader(settings.prompts_dir)
         self.context = PluginContext(engine, memory, settings, prompts, hooks=self.plugins.hook)
         self.router = Router(self.context, self.plugins)
-        self.scheduler = Scheduler(settings, memory.engine, self.router.run_command)
+        self.scheduler = Scheduler(settings, memory.engine, self.router.run_text)
         self.context.scheduler = self.scheduler
         self.context.digest_sections = self.router.digest_sections
         log.info("plugins: %s", ", ".join(sorted(n for n, _ in self.plugins.list_name_plugin())))

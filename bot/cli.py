@@ -25,25 +25,29 @@ app.add_typer(db_app, name="db")
 
 T = TypeVar("T")
 Channel = Annotated[str, typer.Option(help="Conversation name; each keeps its own memory.")]
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Also print the log in the terminal (it goes to data/quill.log).")
+]
 
 
-def setup_logging(settings: Settings, *, interactive: bool) -> None:
-    """Log to stderr; in the console chat only warnings reach the terminal, the rest go to a file
-    under the data directory so they do not break into the conversation."""
+def setup_logging(settings: Settings, *, interactive: bool, verbose: bool = False) -> None:
+    """Log to stderr; in the console (`quill chat`, `quill ask`) to `<data dir>/quill.log`
+    instead, so no log line breaks into the conversation, unless `verbose` asks for both (or
+    the file cannot be written)."""
     level = getattr(logging, settings.log_level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(level)
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(fmt)
-    stderr.setLevel(max(level, logging.WARNING) if interactive else level)
-    root.addHandler(stderr)
+    handlers: list[logging.Handler] = []
     if interactive:
         try:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(settings.data_dir / "quill.log", encoding="utf-8")
-        except OSError:
-            return
+            handlers.append(logging.FileHandler(settings.data_dir / "quill.log", encoding="utf-8"))
+        except OSError as exc:
+            typer.secho(f"quill: cannot write the log file ({exc}); logging to the terminal", err=True)
+    if verbose or not handlers:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
 
@@ -59,10 +63,10 @@ def load_settings() -> Settings:
         raise typer.Exit(1) from None
 
 
-def run_app(job: Callable[[Quill], Awaitable[T]], *, interactive: bool = True) -> T:
+def run_app(job: Callable[[Quill], Awaitable[T]], *, interactive: bool = True, verbose: bool = False) -> T:
     """Start the core, run `job`, close it; start-up faults print one line and exit 1."""
     settings = load_settings()
-    setup_logging(settings, interactive=interactive)
+    setup_logging(settings, interactive=interactive, verbose=verbose)
 
     async def main() -> T:
         quill = await Quill.start(settings)
@@ -96,15 +100,19 @@ def run() -> None:
 
 
 @app.command()
-def chat(channel: Channel = "console") -> None:
+def chat(channel: Channel = "console", verbose: Verbose = False) -> None:
     """Chat in the terminal, with streamed replies and memory that survives restarts."""
-    run_app(lambda quill: ConsoleTransport(quill, channel=channel).repl())
+    run_app(lambda quill: ConsoleTransport(quill, channel=channel).repl(), verbose=verbose)
 
 
 @app.command()
-def ask(text: Annotated[str, typer.Argument(help="The message, or a /command.")], channel: Channel = "console") -> None:
+def ask(
+    text: Annotated[str, typer.Argument(help="The message, or a /command.")],
+    channel: Channel = "console",
+    verbose: Verbose = False,
+) -> None:
     """Send one message (or /command), print the reply and exit: for scripts."""
-    reply = run_app(lambda quill: ConsoleTransport(quill, channel=channel).ask(text))
+    reply = run_app(lambda quill: ConsoleTransport(quill, channel=channel).ask(text), verbose=verbose)
     if reply.failed:
         raise typer.Exit(1)
 
@@ -114,11 +122,15 @@ def db_upgrade() -> None:
     """Bring the database schema to the newest revision (start-up does this too)."""
     settings = load_settings()
     try:
-        Memory.open(settings.db_url).close()
+        memory = Memory.open(settings.db_url)
     except StorageError as exc:
         typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    typer.echo("database schema is up to date")
+    memory.close()
+    for revision in memory.applied:
+        typer.echo(f"applied {revision}")
+    done = f"{len(memory.applied)} revision(s) applied" if memory.applied else "nothing to apply"
+    typer.echo(f"database schema is up to date ({done})")
 
 
 @db_app.command("revision")

@@ -32,13 +32,13 @@ class Settings(BaseSettings):
 
     # Model
     model_path: Path = Field(default_factory=embedded_model_path)
-    n_ctx: int = Field(default=4096, ge=256)
+    n_ctx: int = Field(default=4096, ge=256, le=1 << 20)
     n_threads: int | None = Field(default=None, ge=1)
     n_gpu_layers: int = Field(default=0, ge=-1)
     chat_format: str | None = None
-    max_reply_tokens: int = Field(default=512, ge=16)
+    max_reply_tokens: int = Field(default=512, ge=16, le=1 << 20)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    seed: int = -1
+    seed: int = Field(default=-1, ge=-1, lt=0xFFFFFFFF)  # llama.cpp seeds are 32-bit; -1: random
 
     # Storage
     data_dir: Path = Path("data")
@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_document_chars: int = Field(default=200_000, ge=100)
     plugin_timeout: float = Field(default=300.0, gt=0)
     admin_ids: list[str] = Field(default_factory=list)
-    retention_days: int = Field(default=0, ge=0)
+    retention_days: int = Field(default=0, ge=0, le=36_500)  # bot.memory.MAX_RETENTION_DAYS
     retention_when: str = "daily 03:30"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     # A digest of a period with no activity: "say" posts a short 'nothing new', "skip" posts nothing.
     digest_when_empty: Literal["say", "skip"] = "say"
     # The first digest of a place covers this many hours.
-    digest_first_hours: int = Field(default=24, ge=1)
+    digest_first_hours: int = Field(default=24, ge=1, le=24 * 366)
     # Fine-tuning: share of approved exchanges held out for the eval gate, LoRA size, training length.
     finetune_heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
     finetune_lora_rank: int = Field(default=8, ge=1)
@@ -118,8 +118,8 @@ class Settings(BaseSettings):
     qa_source_tokens: int = Field(default=768, ge=64)
     # Summarizer: messages read when no count is given, the most it reads, tokens of messages
     # per map step, tokens of each intermediate note, list items per section of the result.
-    summarize_default_messages: int = Field(default=200, ge=1)
-    summarize_max_messages: int = Field(default=5000, ge=1)
+    summarize_default_messages: int = Field(default=200, ge=1, le=100_000)
+    summarize_max_messages: int = Field(default=5000, ge=1, le=100_000)  # /summarize messages: takes no more
     summarize_chunk_tokens: int = Field(default=1536, ge=128)
     summarize_note_tokens: int = Field(default=160, ge=16)
     summarize_max_items: int = Field(default=5, ge=1, le=20)

@@ -16,9 +16,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Connection, Engine, Table, delete, event, or_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 RETENTION_KEY = "retention_days"  # per-guild setting (ScopeSetting), days to keep messages
+MAX_RETENTION_DAYS = 36_500  # a century: anything longer is "keep", and timedelta has limits
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,6 +78,23 @@ def make_db_engine(url: str) -> Engine:
     return engine
 
 
+def sqlite_folder(url: str) -> Path | None:
+    """The folder a SQLite URL's file goes in (to create it), None for anything else: another
+    database, memory, or a read-only file. A `file:` URI (`?uri=true`) names its path after
+    `file:`; taken as a plain path it would make a folder called `file:` here."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or database in (None, "", ":memory:"):
+        return None
+    if parsed.query.get("uri") in ("true", "1") or database.startswith("file:"):
+        if parsed.query.get("mode") in ("ro", "memory"):
+            return None
+        database = urlsplit(database).path
+        if database in ("", ":memory:"):
+            return None
+    return Path(database).parent
+
+
 # Tables in quill's database that belong to libraries, created and migrated by them.
 FOREIGN_TABLES = {"apscheduler_jobs"}
 # Objects the search migration makes outside the models (FTS5 tables and their shadow tables,
@@ -97,10 +118,19 @@ def alembic_config(connection: Connection) -> Config:
     return cfg
 
 
-def upgrade_schema(engine: Engine, revision: str = "head") -> None:
-    """Apply Alembic migrations up to `revision` on `engine`."""
+def upgrade_schema(engine: Engine, revision: str = "head") -> list[str]:
+    """Apply Alembic migrations up to `revision` on `engine`; returns those applied, oldest
+    first, as "id: what it does"."""
     with engine.begin() as connection:
-        command.upgrade(alembic_config(connection), revision)
+        cfg = alembic_config(connection)
+        before = MigrationContext.configure(connection).get_current_revision()
+        command.upgrade(cfg, revision)
+        after = MigrationContext.configure(connection).get_current_revision()
+    if after == before:
+        return []
+    script = ScriptDirectory.from_config(cfg)
+    applied = [r for r in script.iterate_revisions(after, before) if r is not None and r.revision != before]
+    return [f"{r.revision}: {r.doc}" for r in reversed(applied)]
 
 
 def write_revision(message: str) -> None:
@@ -116,24 +146,27 @@ def write_revision(message: str) -> None:
 class Memory:
     """Async repository for conversations, messages and per-place settings."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, applied: Sequence[str] = ()) -> None:
         self.engine = engine
+        # The migrations `open` applied ("id: what it does"), for `quill db upgrade` to say.
+        self.applied = list(applied)
 
     @classmethod
     def open(cls, url: str) -> Memory:
         """Connect, create the SQLite file's folder and migrate; one clear error if any fails."""
-        parsed = make_url(url)
         hint = "Check QUILL_DATABASE_URL (or QUILL_DATA_DIR for the default SQLite file)."
         try:
-            if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if (folder := sqlite_folder(url)) is not None:
+                folder.mkdir(parents=True, exist_ok=True)
             engine = make_db_engine(url)
-            upgrade_schema(engine)
+            applied = upgrade_schema(engine)
         except (OSError, SQLAlchemyError) as exc:
             reason = getattr(exc, "orig", None) or exc
             raise StorageError(f"Cannot open the database {redacted(url)}: {reason}. {hint}") from exc
+        for revision in applied:
+            log.info("database upgraded: %s", revision)
         log.info("database ready: %s", redacted(url))
-        return cls(engine)
+        return cls(engine, applied)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -330,27 +363,36 @@ class Memory:
     @_off_loop
     def apply_retention(self, default_days: int, now: datetime | None = None) -> dict[str, int]:
         """Delete messages older than each guild's `retention_days` setting (else `default_days`;
-        0 keeps them forever); returns deletions per guild ("" = DMs and the console)."""
+        0 keeps them forever); returns deletions per guild ("" = DMs and the console).
+
+        Each guild in its own transaction: a guild whose setting is unusable (stored before
+        /retention was bounded, or edited by hand) is logged and skipped, and the others go on."""
         now = now or utcnow()
         deleted: dict[str, int] = {}
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             guilds = conn.execute(select(Conversation.guild_id).distinct()).scalars().all()
-            for guild in guilds:
-                key = (ScopeSetting.guild_id == guild, ScopeSetting.channel_id == "")
-                setting = conn.execute(
-                    select(ScopeSetting.value).where(*key, ScopeSetting.key == RETENTION_KEY)
-                ).scalar()
-                days = json.loads(setting) if setting is not None else default_days
-                if not days:
-                    continue
-                places = select(Conversation.id).where(Conversation.guild_id == guild)
-                cutoff = now - timedelta(days=days)
-                query = delete(Message).where(
-                    col(Message.conversation_id).in_(places), col(Message.created_at) < cutoff
-                )
-                if count := conn.execute(query).rowcount:
+        for guild in guilds:
+            try:
+                if count := self._retain(guild, default_days, now):
                     deleted[guild] = count
+            except (ValueError, TypeError, OverflowError, SQLAlchemyError) as exc:
+                log.error("retention for guild %r skipped: %s", guild, exc)
         return deleted
+
+    def _retain(self, guild: str, default_days: int, now: datetime) -> int:
+        with self.engine.begin() as conn:
+            key = (ScopeSetting.guild_id == guild, ScopeSetting.channel_id == "")
+            setting = conn.execute(select(ScopeSetting.value).where(*key, ScopeSetting.key == RETENTION_KEY)).scalar()
+            days = json.loads(setting) if setting is not None else default_days
+            if not days:
+                return 0
+            if not isinstance(days, int) or isinstance(days, bool) or not 0 < days <= MAX_RETENTION_DAYS:
+                raise ValueError(f"retention_days is {days!r}, not a whole number from 0 to {MAX_RETENTION_DAYS}")
+            places = select(Conversation.id).where(Conversation.guild_id == guild)
+            query = delete(Message).where(
+                col(Message.conversation_id).in_(places), col(Message.created_at) < now - timedelta(days=days)
+            )
+            return conn.execute(query).rowcount
 
 
 def _personal_tables() -> list[tuple[Table, list[Column[Any]]]]:

@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from bot.api import Command, PluginContext, Reply, Request, hookimpl
+from bot.api import Command, Option, PluginContext, Reply, Request, hookimpl
+from bot.memory import MAX_RETENTION_DAYS, RETENTION_KEY
 from bot.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ async def forget(ctx: PluginContext, request: Request) -> Reply:
     if what not in ("channel", "user"):
         return Reply(f"Usage: /forget {USAGE}", failed=True)
     if not request.is_admin:
-        return Reply(f"/forget {what} is for admins only; /forget me erases your own data.", failed=True)
+        hint = f" {request.admin_hint}" if request.admin_hint else ""
+        return Reply(f"/forget {what} is for admins only.{hint} /forget me erases your own data.", failed=True)
     if what == "user":
         if not (user_id := rest.strip().strip("<@!>")):
             return Reply("Usage: /forget user <id or mention>", failed=True)
@@ -65,14 +67,13 @@ async def export(ctx: PluginContext, request: Request) -> Reply:
 
 
 async def retention(ctx: PluginContext, request: Request) -> Reply:
-    current = await ctx.memory.get_setting(request.guild_id, "", "retention_days")
-    if not request.text:
+    days = request.options.get("days")
+    if days is None:
+        current = await ctx.memory.get_setting(request.guild_id, "", RETENTION_KEY)
         days = ctx.settings.retention_days if current is None else current
         return Reply(f"Messages here are kept {f'{days} days' if days else 'until erased'}.")
-    if not request.text.isdigit():
-        return Reply("Usage: /retention <days> (0 keeps messages until erased)", failed=True)
-    await ctx.memory.set_setting(request.guild_id, "", "retention_days", int(request.text))
-    return Reply(f"Messages older than {int(request.text)} days will be deleted daily (0: never).")
+    await ctx.memory.set_setting(request.guild_id, "", RETENTION_KEY, days)
+    return Reply(f"Messages older than {days} days will be deleted daily (0: never).")
 
 
 async def apply_retention(ctx: PluginContext, now: datetime | None = None) -> dict[str, int]:
@@ -88,6 +89,13 @@ def _safe(text: str) -> str:
 
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
-    register(Command("forget", "erase stored data: yours, or (admins) a channel's or a user's", forget, USAGE))
+    register(
+        Command("forget", "erase stored data: yours, or (admins) a channel's or a user's", forget, USAGE, private=True)
+    )
     register(Command("export", "get everything stored about you as a JSON file", export, "me"))
-    register(Command("retention", "show or set how many days messages are kept here", retention, "[days]", admin=True))
+    days = Option(
+        "days", "days to keep messages (0: until erased)", kind=int, min=0, max=MAX_RETENTION_DAYS, positional=True
+    )
+    register(
+        Command("retention", "show or set how many days messages are kept here", retention, admin=True, options=(days,))
+    )

@@ -13,24 +13,25 @@ import inspect
 import logging
 import re
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import pluggy
 
-from bot.api import RENEW_DEADLINE, Command, Place, PluginContext, Reply, Request, Section
+from bot.api import RENEW_DEADLINE, Command, OptionError, Place, PluginContext, Reply, Request, Section
 from bot.engine import EngineError
 from bot.memory import StorageError
 
 log = logging.getLogger(__name__)
 
 # Zero-width and bidi-control characters carry no meaning for the model and hide text from people.
-_INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+# (U+2066-U+2069 are the isolates, U+061C the Arabic letter mark.)
+_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
-_OPTION = re.compile(r'(\w+):(?:"([^"]*)"|(\S+))\s*')
+_OPTION = re.compile(r'(\w+):(?:"([^"]*)"|(\S*))\s*')
 
 
 def parse_options(command: Command, args: str) -> tuple[dict[str, str], str]:
@@ -43,10 +44,27 @@ def parse_options(command: Command, args: str) -> tuple[dict[str, str], str]:
     return options, args.strip()
 
 
+def check_options(command: Command, given: Mapping[str, str | int], text: str) -> tuple[dict[str, str | int], str]:
+    """The options as the handler gets them (each parsed by its declaration, unknown names
+    dropped) and the text left; a positional option takes the text when not named. Raises
+    OptionError for the first value refused."""
+    options: dict[str, str | int] = {}
+    for option in command.options:
+        value = given.get(option.name)
+        if value is None and option.positional and text:
+            value, text = text, ""
+        if value is not None:
+            options[option.name] = option.parse(clean_text(value) if isinstance(value, str) else value)
+    return options, text
+
+
 def usage_line(command: Command) -> str:
-    """`/name opt:<what> [opt:<what>] usage`: required options bare, optional ones bracketed."""
+    """`/name opt:<what> [opt:<what>] usage`: required options bare, optional ones bracketed
+    (a positional option by its name alone: `/retention [days]`)."""
     parts = [f"/{command.name}"]
-    parts += [f"{o.name}:<{o.description}>" if o.required else f"[{o.name}:<{o.description}>]" for o in command.options]
+    for o in command.options:
+        shown = o.name if o.positional else f"{o.name}:<{o.description}>"
+        parts.append(f"<{shown}>" if o.positional and o.required else shown if o.required else f"[{shown}]")
     if command.usage:
         parts.append(command.usage)
     return " ".join(parts)
@@ -119,28 +137,38 @@ class Router:
         name = name.lower()
         if name == "help":
             return Reply(self.help_text(request.is_admin))
+        return await self.run_text(name, replace(request, text=args))
+
+    async def run_text(self, name: str, request: Request) -> Reply:
+        """Run command `name` on its text form, `name:value` options first (a scheduled job's
+        `/summarize hours:24`). Never raises."""
         command = self.commands.get(name)
         if command is None:
             return Reply(f"Unknown command /{name}. Type /help for the list.", failed=True)
-        options, rest = parse_options(command, args)
-        return await self.run_command(name, replace(request, text=rest, options=options))
+        options, rest = parse_options(command, clean_text(request.text))
+        return await self.run_command(name, replace(request, text=rest, options={**request.options, **options}))
 
     async def run_command(self, name: str, request: Request) -> Reply:
         """Run command `name` with the request's text and options (a transport's slash command
-        comes here directly). Never raises."""
+        comes here directly). Options are checked against their declarations here, so a handler
+        never sees a value out of its type or bounds. Never raises."""
         command = self.commands.get(name)
         if command is None:
             return Reply(f"Unknown command /{name}. Type /help for the list.", failed=True)
         if command.admin and not request.is_admin:
             log.warning("refused admin command /%s for user %s", name, request.author_id)
-            return Reply(f"/{name} is for admins only.", failed=True)
+            return Reply(f"/{name} is for admins only. {request.admin_hint}".strip(), failed=True)
         text = clean_text(request.text)
         if refusal := self._too_long(text, self._input_limit(command)):
             return refusal
-        missing = [o.name for o in command.options if o.required and not request.options.get(o.name)]
+        try:
+            options, text = check_options(command, request.options, text)
+        except OptionError as exc:
+            return Reply(f"/{name}: {exc} Usage: {usage_line(command)}", failed=True)
+        missing = [o.name for o in command.options if o.required and o.name not in options]
         if missing:
             return Reply(f"/{name} needs {', '.join(missing)}. Usage: {usage_line(command)}", failed=True)
-        return await self._call(command, replace(request, text=text, command=name))
+        return await self._call(command, replace(request, text=text, command=name, options=options))
 
     async def observe(self, request: Request) -> list[Reply]:
         """Show a message to every plugin's `on_message` hook and return what they want posted.

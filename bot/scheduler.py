@@ -149,7 +149,7 @@ class Scheduler:
         db: Engine,
         run: Callable[[str, Request], Awaitable[Reply]],
     ) -> None:
-        """`run(command, request)` runs a router command (Router.run_command)."""
+        """`run(command, request)` runs a router command on its text form (Router.run_text)."""
         self.settings = settings
         self.db = db
         self.run = run

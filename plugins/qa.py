@@ -79,11 +79,9 @@ def _place(request: Request) -> tuple[str, str, str]:
 
 
 async def kb_add(ctx: PluginContext, request: Request) -> Reply:
-    name = request.options.get("name", "").strip()
+    name = str(request.options["name"])
     if not request.text:
         return Reply("Usage: " + ADD_USAGE, failed=True)
-    if len(name) > NAME_CHARS:
-        return Reply(f"A document name is at most {NAME_CHARS} characters.", failed=True)
     count = await ctx.search.add_document(*_place(request), name, request.text, added_by=request.author_id)
     return Reply(f"Added “{name}” to the knowledge base ({_passages(count)}).")
 
@@ -126,7 +124,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             kb_add,
             "<text>",
             admin=True,
-            options=(Option("name", "document name", required=True),),
+            options=(Option("name", "document name", required=True, max=NAME_CHARS),),
             document=True,
         )
     )

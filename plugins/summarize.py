@@ -43,6 +43,10 @@ TOKENS_PER_ITEM = 56
 SECTIONS = ("key_points", "decisions", "open_questions", "who_said_what")
 TITLES = ("Key points", "Decisions", "Open questions", "Who said what")
 
+# Bounds of the options: QUILL_SUMMARIZE_MAX_MESSAGES's own bound, and a year.
+MAX_MESSAGES = 100_000
+MAX_HOURS = 24 * 365
+
 _LINE_BREAKS = re.compile(r"\s*\n\s*")
 
 Item = Annotated[str, StringConstraints(max_length=ITEM_CHARS)]
@@ -208,21 +212,9 @@ def log_lines(messages: list[Any]) -> list[str]:
     return [f"{m.author_name or m.author_id}: {_LINE_BREAKS.sub(' / ', m.content)}" for m in messages]
 
 
-def _positive(value: str | None, name: str) -> int | None:
-    if value is None or value == "":
-        return None
-    if not value.isdigit() or int(value) == 0:
-        raise ValueError(f"{name}: must be a whole number above 0, not {value!r}.")
-    return int(value)
-
-
 async def summarize(ctx: PluginContext, request: Request) -> Reply:
     cap = ctx.settings.summarize_max_messages
-    try:
-        count = _positive(request.options.get("messages"), "messages")
-        hours = _positive(request.options.get("hours"), "hours")
-    except ValueError as exc:
-        return Reply(f"{exc} Usage: /summarize [messages:N] [hours:N]", failed=True)
+    count, hours = request.number("messages"), request.number("hours")
     if count is not None and count > cap:
         return Reply(f"I summarize at most {cap:,} messages (QUILL_SUMMARIZE_MAX_MESSAGES).", failed=True)
     limit = count or (cap if hours else ctx.settings.summarize_default_messages)
@@ -258,8 +250,8 @@ def register_commands(register: Callable[[Command], None]) -> None:
             "summarize this channel's recent messages: key points, decisions, open questions, who said what",
             summarize,
             options=(
-                Option("messages", "how many recent messages (default 200)"),
-                Option("hours", "only messages from the last N hours"),
+                Option("messages", "how many recent messages (default 200)", kind=int, min=1, max=MAX_MESSAGES),
+                Option("hours", "only messages from the last N hours", kind=int, min=1, max=MAX_HOURS),
             ),
         )
     )

@@ -440,14 +440,17 @@ class BatchedEngine(LocalEngine):
             return
         safe = complete_utf8(text[: len(text) - held_back(text, seq.stops)])
         if safe > seq.sent:
-            seq.job.emit("item", text[seq.sent : safe].decode("utf-8", "replace"))
+            seq.job.emit("item", text[seq.sent : safe].decode("utf-8", "ignore"))
             seq.sent = safe
         seq.pending = token
 
     def _finish(self, seq: _Sequence, reason: str, text: bytes) -> None:
         self._release(seq, keep=True)  # first: whoever hears "done" finds the sequence free
-        if len(text) > seq.sent:
-            seq.job.emit("item", text[seq.sent :].decode("utf-8", "replace"))
+        # A reply cut mid-character (max_tokens) ends before it; bytes that are no UTF-8 at all
+        # are dropped, as `Llama` does (errors="ignore"): never a U+FFFD on screen.
+        end = complete_utf8(text)
+        if end > seq.sent:
+            seq.job.emit("item", text[seq.sent : end].decode("utf-8", "ignore"))
         seq.job.emit("item", _Finish(reason, len(seq.completion)))
         seq.job.emit("done", None)
 

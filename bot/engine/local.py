@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from bot.engine import (
 from bot.engine.contexts import Embedder
 
 log = logging.getLogger(__name__)
+
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: "pick one at random"
 
 
 @dataclass
@@ -140,7 +143,7 @@ class LocalEngine:
                 n_threads=s.n_threads,
                 n_gpu_layers=s.n_gpu_layers,
                 chat_format=s.chat_format,
-                seed=s.seed if s.seed >= 0 else 0xFFFFFFFF,
+                seed=s.seed if s.seed >= 0 else RANDOM_SEED,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -279,6 +282,10 @@ class LocalEngine:
                 "stop": list(options.stop) or None,
                 "stream": True,
             }
+            if self.settings.seed < 0:
+                # Llama derives each call's seed from the last one, starting from the seed it was
+                # made with: every process would give the same replies. -1 means random.
+                kwargs["seed"] = random.randrange(RANDOM_SEED)
             if options.grammar:
                 from llama_cpp import LlamaGrammar
 

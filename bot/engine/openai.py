@@ -437,7 +437,9 @@ class OpenAIEngine:
                     raise EngineError(f"{self.who} failed: {_message_of(chunk)}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
+                    # U+FFFD is how a server shows bytes that were no UTF-8 (a character cut by
+                    # max_tokens, a broken sequence): dropped, as the local backend drops them.
+                    text = ((choice.get("delta") or {}).get("content") or "").replace("\ufffd", "")
                     if text:
                         pieces += 1
                         yield text

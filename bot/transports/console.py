@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import getpass
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -14,6 +16,7 @@ from bot.app import Quill
 
 TRANSPORT = "console"
 QUIT_WORDS = {"/quit", "/exit"}
+THINKING_WIDTH = 24  # wide enough to blank "… thinking 9999 s"
 
 
 class ConsoleTransport:
@@ -36,33 +39,71 @@ class ConsoleTransport:
             text=text,
             is_admin=not admins or self.user in admins,
             is_dm=True,
+            admin_hint="Admins here are the users listed in QUILL_ADMIN_IDS.",
         )
 
     async def ask(self, text: str) -> Reply:
         """Send one message and print the reply; returns it (with `failed` set on errors)."""
-        reply = await self.app.router.handle(self.request(text))
-        await self.render(reply)
+        async with self.thinking() as done:
+            reply = await self.app.router.handle(self.request(text))
+            await self.render(reply, done)
         return reply
 
-    async def render(self, reply: Reply) -> None:
-        """Print a reply, streaming it piece by piece as the model produces it."""
-        write, live = self.out.write, self.out.isatty()
-        if reply.title:
-            write(f"== {reply.title} ==\n")
+    @asynccontextmanager
+    async def thinking(self) -> AsyncIterator[Callable[[], None]]:
+        """In a terminal, a progress line from the first moment ("… thinking 12 s", counting
+        each second) until the reply starts: a first answer after a restart can take minutes
+        while a long history is read. Yields the function that clears it."""
+        if not self.out.isatty():
+            yield lambda: None
+            return
+        started = time.monotonic()
+        shown = [True]
+
+        def show() -> None:
+            seconds = int(time.monotonic() - started)
+            self.out.write(f"\r… thinking {seconds} s" if seconds else "\r… thinking")
+            self.out.flush()
+
+        def clear() -> None:
+            if shown[0]:
+                shown[0] = False
+                ticker.cancel()
+                self.out.write("\r" + " " * THINKING_WIDTH + "\r")
+                self.out.flush()
+
+        async def tick() -> None:
+            while True:
+                show()
+                await asyncio.sleep(1.0)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            yield clear
+        finally:
+            clear()
+
+    async def render(self, reply: Reply, clear: Callable[[], None] = lambda: None) -> None:
+        """Print a reply, streaming it piece by piece as the model produces it; `clear` removes
+        the progress line before the first piece. A reply that fails mid-way gets its error on
+        a line of its own (the router's apology starts with a line break)."""
+        write = self.out.write
         if reply.stream is None:
-            write(reply.text + "\n")
+            clear()
+            write((f"== {reply.title} ==\n" if reply.title else "") + reply.text + "\n")
             self.out.flush()
             return
-        if live:
-            write("…")
-            self.out.flush()
-        first = True
+        started = False
         async for piece in reply.stream:
-            if first and live:
-                write("\b \b")  # the thinking mark gives way to the reply
-            first = False
+            if not started:
+                clear()
+                if reply.title:
+                    write(f"== {reply.title} ==\n")
+                piece = piece.lstrip("\n")  # a stream that failed at once: its error alone
+                started = True
             write(piece)
             self.out.flush()
+        clear()
         write("\n")
         self.out.flush()
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 import discord
 from discord import app_commands
 
-from bot.api import NO_ANSWER, Command, Place, Reply, Request
+from bot.api import NO_ANSWER, Command, Option, Place, Reply, Request
 from bot.finetune import approve_answer
 from bot.memory import StorageError
 from bot.router import clean_text
@@ -45,6 +45,7 @@ DESCRIPTION_LIMIT = 100  # Discord's limit for command and option descriptions
 THREAD_NAME_LIMIT = 90
 AUTOCOMPLETE_LIMIT = 25
 TEXT_OPTION = "text"
+SLASH_TEXT_LIMIT = 6000  # Discord's longest string option
 TEXT_FILE_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".rst")
 MAX_TEXT_FILE = 1_000_000  # bytes; the router refuses text past QUILL_MAX_DOCUMENT_CHARS anyway
 HELP_CHANNELS = "help_channels"
@@ -98,12 +99,13 @@ class InteractionDestination:
 
     interaction: discord.Interaction
     answered: bool = False
+    ephemeral: bool = False  # deferred privately: the follow-ups stay private too
 
     async def send(self, **fields: Any) -> Editable:
         if not self.answered:
             self.answered = True
             return await self.interaction.edit_original_response(**fields)
-        return await self.interaction.followup.send(wait=True, **fields)
+        return await self.interaction.followup.send(wait=True, ephemeral=self.ephemeral, **fields)
 
 
 class SecretFilter(logging.Filter):
@@ -298,6 +300,7 @@ class QuillClientMixin:
             mentioned=me in message.mentions or (role is not None and role in message.role_mentions),
             is_dm=message.guild is None,
             quoted=quoted_text(message),
+            admin_hint=ADMIN_REFUSAL,
         )
 
     def is_admin(self, user: discord.abc.User, permissions: discord.Permissions | None = None) -> bool:
@@ -530,8 +533,11 @@ class QuillClientMixin:
     # -- slash commands ----------------------------------------------------------------------
 
     def _add_slash_command(self, command: Command) -> None:
-        """A slash command for a plugin's Command: its options as string options (with
-        autocomplete from `choices`), plus a `text` option for its free text when it takes one."""
+        """A slash command for a plugin's Command: its options typed and bounded as declared
+        (whole numbers as `Range[int, min, max]`, text as `Range[str, min, max]`, closed choices
+        as a choice list, suggested ones as autocomplete), plus a `text` option for its free
+        text when it takes one. Discord then refuses what is out of bounds before it is sent;
+        the router checks again, as for console text."""
         options = sorted(command.options, key=lambda o: not o.required)  # Discord wants required first
         takes_text = bool(command.usage) and all(o.name != TEXT_OPTION for o in options)
         params = [
@@ -539,24 +545,28 @@ class QuillClientMixin:
         ]
         descriptions: dict[str, str] = {}
         if takes_text:
-            params.append(_string_parameter(TEXT_OPTION, required=command.usage.startswith("<")))
+            params.append(_parameter(TEXT_OPTION, str, required=command.usage.startswith("<")))
             descriptions[TEXT_OPTION] = short(command.usage.strip("<>[]"))
-        completers = {}
+        completers, choices = {}, {}
         for option in options:
-            params.append(_string_parameter(option.name, required=option.required))
+            params.append(_parameter(option.name, _annotation(option), required=option.required))
             descriptions[option.name] = short(option.description)
-            if option.choices:
+            if option.closed:
+                choices[option.name] = [app_commands.Choice(name=c, value=c) for c in option.choices]
+            elif option.choices:
                 completers[option.name] = _completer(option.choices)
 
-        async def callback(interaction: discord.Interaction, **values: str | None) -> None:
-            text = (values.pop(TEXT_OPTION, None) or "") if takes_text else ""
-            given = {name: value for name, value in values.items() if value}
+        async def callback(interaction: discord.Interaction, **values: str | int | None) -> None:
+            text = str(values.pop(TEXT_OPTION, None) or "") if takes_text else ""
+            given = {name: value for name, value in values.items() if value is not None}
             await self.run_slash_command(interaction, command, text, given)
 
         callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         app_commands.describe(**descriptions)(callback)
         if completers:
             app_commands.autocomplete(**completers)(callback)
+        if choices:
+            app_commands.choices(**choices)(callback)
         try:
             slash = app_commands.Command(name=command.name, description=short(command.help), callback=callback)
         except (TypeError, ValueError) as exc:
@@ -567,7 +577,7 @@ class QuillClientMixin:
         self.tree.add_command(slash)
 
     def interaction_request(
-        self, interaction: discord.Interaction, command: str, text: str, options: dict[str, str]
+        self, interaction: discord.Interaction, command: str, text: str, options: dict[str, str | int]
     ) -> Request:
         return Request(
             transport=TRANSPORT,
@@ -580,10 +590,11 @@ class QuillClientMixin:
             is_dm=interaction.guild_id is None,
             command=command,
             options=options,
+            admin_hint=ADMIN_REFUSAL,
         )
 
     async def run_slash_command(
-        self, interaction: discord.Interaction, command: Command, text: str, options: dict[str, str]
+        self, interaction: discord.Interaction, command: Command, text: str, options: dict[str, str | int]
     ) -> None:
         """Run a plugin command for a slash command and answer in the interaction."""
         request = self.interaction_request(interaction, command.name, text, options)
@@ -591,13 +602,13 @@ class QuillClientMixin:
             log.warning("refused admin command /%s for user %s", command.name, request.author_id)
             await self._respond(interaction, f"/{command.name} is for admins. {ADMIN_REFUSAL}")
             return
-        try:
-            await interaction.response.defer(thinking=True)
+        try:  # a private command (/forget) answers, and refuses, only the one who asked
+            await interaction.response.defer(thinking=True, ephemeral=command.private)
         except discord.HTTPException as exc:  # the interaction expired (over 3 s) or was answered
             log.warning("could not acknowledge /%s: %s", command.name, exc)
             return
         reply = await self.app.router.run_command(command.name, request)
-        destination = InteractionDestination(interaction)
+        destination = InteractionDestination(interaction, ephemeral=command.private)
         if await self._deliver(reply, destination) and reply.file is not None:
             await self._send_file(reply.file, functools.partial(interaction.followup.send, ephemeral=True), destination)
 
@@ -773,11 +784,20 @@ def short(text: str) -> str:
     return text if len(text) <= DESCRIPTION_LIMIT else text[: DESCRIPTION_LIMIT - 1] + "…"
 
 
-def _string_parameter(name: str, *, required: bool) -> inspect.Parameter:
+def _annotation(option: Option) -> Any:
+    """The slash option's type: bounded as the Option declares it."""
+    if option.closed:
+        return str
+    if option.kind is int:
+        return app_commands.Range[int, option.min, option.max]
+    return app_commands.Range[str, option.min or 1, min(option.longest, SLASH_TEXT_LIMIT)]
+
+
+def _parameter(name: str, annotation: Any, *, required: bool) -> inspect.Parameter:
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
-        annotation=str if required else str | None,
+        annotation=annotation,
         default=inspect.Parameter.empty if required else None,
     )
 
