@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
-from bot.api import Reply
+import pytest
+
+from bot.api import Command, PluginContext, Reply, Request, hookimpl
 from bot.app import Quill
 from bot.config import Settings
-from bot.engine import ChatMessage, GenerationOptions
+from bot.engine import ChatMessage, EngineError, GenerationOptions
 from bot.engine.local import LocalEngine
+from bot.plugins import make_plugin_manager
+from bot.router import Router
 from bot.transports.console import ConsoleTransport
 from tests.conftest import make_settings
 
@@ -103,6 +108,76 @@ async def test_titled_replies_show_their_title(settings: Settings, engine: Local
     assert out.getvalue() == "== Summary of #general ==\n- point one\n"
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class Scripted:
+    """Replies the test controls: one that starts when told, one that fails mid-way."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    @hookimpl
+    def register_commands(self, register: Callable[[Command], None]) -> None:
+        async def slow(ctx: PluginContext, req: Request) -> Reply:
+            async def pieces() -> AsyncIterator[str]:
+                await self.go.wait()  # a cold history being read
+                yield "the reply"
+
+            return Reply(stream=pieces())
+
+        async def half(ctx: PluginContext, req: Request) -> Reply:
+            async def pieces() -> AsyncIterator[str]:
+                yield "partial"
+                raise EngineError("The model server stopped in the middle of the reply.")
+
+            return Reply(stream=pieces())
+
+        register(Command("slow", "starts when told", slow))
+        register(Command("half", "fails mid-reply", half))
+
+
+@pytest.fixture
+async def scripted(app: Quill) -> tuple[Quill, Scripted]:
+    plugin = Scripted()
+    pm = make_plugin_manager()
+    pm.register(plugin, "scripted")
+    app.router = Router(app.context, pm)
+    return app, plugin
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_terminal_sees_progress_from_the_first_moment_until_the_reply_starts(
+    scripted: tuple[Quill, Scripted],
+) -> None:
+    app, plugin = scripted
+    out = Terminal()
+    asking = asyncio.create_task(ConsoleTransport(app, out=out).ask("/slow"))
+    async with asyncio.timeout(30):
+        while "… thinking" not in out.getvalue():  # shown before any reply exists
+            await asyncio.sleep(0.01)
+        while "… thinking 1 s" not in out.getvalue():  # and it counts
+            await asyncio.sleep(0.05)
+    assert "the reply" not in out.getvalue()
+    plugin.go.set()
+    async with asyncio.timeout(30):
+        await asking
+    shown = out.getvalue()
+    cleared = shown.rindex("\r" + " " * 24 + "\r")
+    assert shown[cleared:].strip() == "the reply" and shown.endswith("the reply\n")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_a_failed_stream_ends_its_line_and_shows_the_error_once(scripted: tuple[Quill, Scripted]) -> None:
+    app, _ = scripted
+    out = io.StringIO()
+    reply = await ConsoleTransport(app, out=out).ask("/half")
+    assert reply.failed
+    assert out.getvalue() == "partial\nThe model server stopped in the middle of the reply.\n"
+
+
 def run_quill(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("QUILL_", "DISCORD_"))}
     environ.update({"QUILL_N_CTX": "1024", "QUILL_MAX_REPLY_TOKENS": "24", "QUILL_N_THREADS": "2", **env})
@@ -124,19 +199,31 @@ def test_cli_ask_answers_and_stores_under_the_data_dir(tmp_path: Path) -> None:
     assert run_quill(tmp_path, "ask", "/help").stdout.startswith("Commands:")
 
 
-def test_cli_chat_reads_stdin(tmp_path: Path) -> None:
+def chat_process(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "bot", "chat", "--channel", "team"],
-        input="/help\nHi!\n",
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "chat", "--channel", "team", *args],
+        input="/help\nHi!\n/retention 5\n",
         cwd=tmp_path,
-        env={**environ, "QUILL_MAX_REPLY_TOKENS": "16"},
+        env={**environ, "QUILL_MAX_REPLY_TOKENS": "16", **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_cli_chat_reads_stdin_and_keeps_the_log_out_of_the_conversation(tmp_path: Path) -> None:
+    # Not an admin here, so /retention is refused, which logs a WARNING.
+    done = chat_process(tmp_path, QUILL_ADMIN_IDS='["someone-else"]', QUILL_LOG_LEVEL="DEBUG")
     assert done.returncode == 0, done.stderr
     assert "conversation 'team'" in done.stdout and "/chat <message>" in done.stdout
+    assert "/retention is for admins only. Admins here are the users listed in QUILL_ADMIN_IDS." in done.stdout
+    logged = (tmp_path / "data" / "quill.log").read_text()
+    assert "WARNING bot.router: refused admin command /retention" in logged and " INFO " in logged
+    for printed in (done.stdout, done.stderr):
+        assert " WARNING " not in printed and " INFO " not in printed
+    verbose = chat_process(tmp_path, "--verbose", QUILL_ADMIN_IDS='["someone-else"]')
+    assert "WARNING bot.router: refused admin command /retention" in verbose.stderr
 
 
 def test_cli_missing_model_is_one_clear_line(tmp_path: Path) -> None:
@@ -154,7 +241,11 @@ def test_cli_error_reply_exits_non_zero(tmp_path: Path) -> None:
 
 
 def test_cli_db_upgrade_and_unusable_database(tmp_path: Path) -> None:
-    assert run_quill(tmp_path, "db", "upgrade").stdout.strip() == "database schema is up to date"
+    *applied, last = run_quill(tmp_path, "db", "upgrade").stdout.strip().splitlines()
+    assert applied[0] == "applied 0001: initial schema" and all(line.startswith("applied 0") for line in applied)
+    assert last == f"database schema is up to date ({len(applied)} revision(s) applied)"
+    again = run_quill(tmp_path, "db", "upgrade").stdout.strip()
+    assert again == "database schema is up to date (nothing to apply)"
     (tmp_path / "blocked").write_text("not a folder")
     done = run_quill(tmp_path, "ask", "hi", QUILL_DATA_DIR=str(tmp_path / "blocked"))
     assert done.returncode == 1 and "Cannot open the database" in done.stderr and "Traceback" not in done.stderr
