@@ -111,11 +111,19 @@ def test_data_dir_that_cannot_be_created_fails_clearly(tmp_path: Path) -> None:
         Memory.open(f"sqlite:///{blocker / 'quill.db'}")
 
 
-def test_read_only_database_fails_clearly_at_start(tmp_path: Path) -> None:
+def test_read_only_database_fails_clearly_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "q.db"
     sqlite3.connect(path).close()  # an empty database the migrations must write to
+    monkeypatch.chdir(tmp_path)  # where a `file:` URI taken for a plain path would make a folder
     with pytest.raises(StorageError, match="readonly"):
         Memory.open(f"sqlite:///file:{path}?mode=ro&uri=true")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.db"]
+
+
+def test_a_file_uri_database_goes_where_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Memory.open(f"sqlite:///file:{tmp_path / 'new' / 'q.db'}?uri=true").close()
+    assert (tmp_path / "new" / "q.db").is_file() and not (tmp_path / "file:").exists()
 
 
 def test_database_that_is_not_a_database_fails_clearly(tmp_path: Path) -> None:

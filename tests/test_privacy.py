@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 
 from sqlalchemy import MetaData
 
@@ -114,9 +114,8 @@ async def test_edits_and_deletes_on_the_transport_are_followed(app: Quill) -> No
     assert [m.content for m in await app.memory.history(conv.id, 1000)] == ["fixed"]
 
 
-async def test_retention_deletes_exactly_the_older_messages(app: Quill) -> None:
-    now = utcnow()
-    ages = {"g1": [1, 10, 40], "g2": [1, 10, 40], "": [1, 400]}
+async def add_aged(app: Quill, ages: dict[str, list[int]], now: datetime) -> None:
+    """Messages "<age>d", that many days old, in a channel of each guild."""
     for guild, days in ages.items():
         conv = await app.memory.conversation("discord", guild, f"chan-{guild}")
         with app.memory.engine.begin() as conn:
@@ -132,17 +131,41 @@ async def test_retention_deletes_exactly_the_older_messages(app: Quill) -> None:
                         created_at=now - timedelta(days=age, minutes=1),
                     )
                 )
+
+
+async def kept(app: Quill, guilds: Iterable[str]) -> dict[str, list[str]]:
+    left = {}
+    for guild in guilds:
+        conv = await app.memory.conversation("discord", guild, f"chan-{guild}")
+        left[guild] = sorted(m.content for m in await app.memory.history(conv.id, 1000))
+    return left
+
+
+async def test_retention_deletes_exactly_the_older_messages(app: Quill) -> None:
+    now = utcnow()
+    ages = {"g1": [1, 10, 40], "g2": [1, 10, 40], "": [1, 400]}
+    await add_aged(app, ages, now)
     await ask(app, "/retention 5", author="boss", is_admin=True)  # g1 keeps 5 days
     assert (await ask(app, "/retention 5")).failed  # members may not
     app.settings.retention_days = 30  # the default for everyone else
     deleted = await apply_retention(app.context, now)
     assert deleted == {"g1": 2, "g2": 1, "": 1}
-    left = {}
-    for guild in ages:
-        conv = await app.memory.conversation("discord", guild, f"chan-{guild}")
-        left[guild] = sorted(m.content for m in await app.memory.history(conv.id, 1000))
-    assert left == {"g1": ["1d"], "g2": ["10d", "1d"], "": ["1d"]}
+    assert await kept(app, ages) == {"g1": ["1d"], "g2": ["10d", "1d"], "": ["1d"]}
     assert "5 days" in (await ask(app, "/retention", author="boss", is_admin=True)).text
+
+
+async def test_one_guilds_broken_retention_does_not_stop_the_others(app: Quill) -> None:
+    """Values stored before /retention was bounded (the overflow of issue 18), or by hand:
+    that guild is skipped and logged, every other guild's old messages still go."""
+    now = utcnow()
+    ages = {"huge": [1, 40], "text": [1, 40], "g2": [1, 10, 40]}
+    await add_aged(app, ages, now)
+    await app.memory.set_setting("huge", "", "retention_days", 99999999999999999999)
+    await app.memory.set_setting("text", "", "retention_days", "seven")
+    await app.memory.set_setting("g2", "", "retention_days", 5)
+    deleted = await apply_retention(app.context, now)
+    assert deleted == {"g2": 2}
+    assert await kept(app, ages) == {"huge": ["1d", "40d"], "text": ["1d", "40d"], "g2": ["1d"]}
 
 
 class NotesPlugin:
