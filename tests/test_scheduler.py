@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED
 from sqlalchemy import text as sql
 
 from bot.api import Place, Reply, Request
@@ -73,7 +74,35 @@ async def seed(app: Quill, channel: str = "team") -> None:
         await app.memory.add_message(conv.id, role="user", content=text, author_id=author, author_name=author)
 
 
-async def wait_for(condition, seconds: float = 10.0) -> None:
+class Events:
+    """What a scheduler did with its jobs (APScheduler's own events), to wait on."""
+
+    def __init__(self, app: Quill) -> None:
+        self.seen: list[tuple[int, str]] = []
+        app.scheduler.aps.add_listener(
+            lambda event: self.seen.append((event.code, event.job_id)),
+            EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED,
+        )
+
+    def __call__(self, code: int, job_id: str) -> bool:
+        return (code, job_id) in self.seen
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, app: Quill) -> list[int]:
+    """Counts the scheduler's tries at the leader lock (each poll of a follower), so a test can
+    wait for polls to have happened instead of sleeping."""
+    tries = [0]
+    real = app.scheduler._try_lead
+
+    async def try_lead() -> None:
+        tries[0] += 1
+        await real()
+
+    monkeypatch.setattr(app.scheduler, "_try_lead", try_lead)
+    return tries
+
+
+async def wait_for(condition, seconds: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + seconds
     while not condition():
         if asyncio.get_running_loop().time() > deadline:
@@ -161,14 +190,17 @@ async def test_a_due_job_runs_once_from_the_scheduler(bot: Quill) -> None:
     await ask(bot, "/schedule add d daily 09:00 /digest")
     await bot.scheduler.run_jobs()
     assert bot.scheduler.leading
+    events = Events(bot)
     bot.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC))
     bot.scheduler.aps.wakeup()
-    await wait_for(lambda: len(posts(bot)) == 1)
-    await asyncio.sleep(0.5)
-    assert len(posts(bot)) == 1
-    assert "3 messages" in posts(bot)[0][2].text
+    await wait_for(lambda: events(EVENT_JOB_EXECUTED, "d"))
     job = await bot.scheduler.get("d")
     assert job.next_run is not None and job.next_run > datetime.now(UTC)  # the next run is tomorrow
+    # Its one run is over and the next is tomorrow: no second one can come today.
+    assert len(posts(bot)) == 1 and [e for e in events.seen if e[0] == EVENT_JOB_SUBMITTED] == [
+        (EVENT_JOB_SUBMITTED, "d")
+    ]
+    assert "3 messages" in posts(bot)[0][2].text
 
 
 @pytest.mark.parametrize(("late", "runs"), [(timedelta(seconds=5), 1), (timedelta(hours=2), 0)])
@@ -181,9 +213,11 @@ async def test_missed_runs_follow_the_misfire_setting(
     try:
         await seed(bot)
         await ask(bot, "/schedule add d daily 09:00 /digest")
+        events = Events(bot)
         bot.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC) - late)
         await bot.scheduler.run_jobs()
-        await asyncio.sleep(1.0)
+        # Made up (run to its end, however loaded the machine) or skipped: either is an event.
+        await wait_for(lambda: events(EVENT_JOB_EXECUTED, "d") or events(EVENT_JOB_MISSED, "d"))
         assert len(posts(bot)) == runs
     finally:
         await bot.close(close_engine=False)
@@ -206,10 +240,15 @@ async def test_pause_resume_and_remove(bot: Quill) -> None:
 async def test_a_paused_job_does_not_run(bot: Quill) -> None:
     await seed(bot)
     await ask(bot, "/schedule add d daily 09:00 /digest")
+    await ask(bot, "/schedule add e daily 09:00 /kb-list")
+    for job in ("d", "e"):  # both due now; d is then paused
+        bot.scheduler.aps.modify_job(job, next_run_time=datetime.now(UTC) - timedelta(seconds=1))
     await ask(bot, "/schedule pause d")
+    events = Events(bot)
     await bot.scheduler.run_jobs()
-    await asyncio.sleep(0.5)
-    assert posts(bot) == []
+    await wait_for(lambda: events(EVENT_JOB_EXECUTED, "e"))  # the scheduler went through its due jobs
+    ((_, _, post),) = posts(bot)
+    assert "knowledge base" in post.text and not events(EVENT_JOB_SUBMITTED, "d")
 
 
 @pytest.fixture
@@ -230,16 +269,21 @@ async def lead(one: Quill, two: Quill) -> None:
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-async def test_two_processes_on_one_postgres_never_both_run_a_job(two_processes: tuple[Quill, Quill]) -> None:
+async def test_two_processes_on_one_postgres_never_both_run_a_job(
+    two_processes: tuple[Quill, Quill], monkeypatch: pytest.MonkeyPatch
+) -> None:
     one, two = two_processes
     await seed(one)
     await ask(one, "/schedule add d daily 09:00 /digest")
     await lead(one, two)
+    follower = Events(two)
+    polls = count_calls(monkeypatch, two)
     one.scheduler.aps.modify_job("d", next_run_time=datetime.now(UTC))
     one.scheduler.aps.wakeup()
     await wait_for(lambda: len(posts(one)) == 1)
-    await asyncio.sleep(1.0)  # the follower polls every 0.2 s: it must still not run it
-    assert (len(posts(one)), len(posts(two))) == (1, 0)
+    after = polls[0]
+    await wait_for(lambda: polls[0] >= after + 2)  # the follower polled, twice, since the run
+    assert (len(posts(one)), len(posts(two)), follower.seen, two.scheduler.leading) == (1, 0, [], False)
 
     await one.close(close_engine=False)  # the leader dies; the follower takes over
     await wait_for(lambda: two.scheduler.leading)
@@ -251,10 +295,11 @@ async def test_two_processes_on_one_postgres_never_both_run_a_job(two_processes:
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 async def test_a_leader_whose_lock_session_dies_stops_and_the_follower_takes_over(
-    two_processes: tuple[Quill, Quill],
+    two_processes: tuple[Quill, Quill], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     one, two = two_processes
     await lead(one, two)
+    tries = count_calls(monkeypatch, one)
     # The database ends the leader's lock session (a restart, a network cut, an admin).
     with one.memory.engine.connect() as conn:
         where = conn.execute(sql("SELECT current_database() || '.' || current_schema()")).scalar_one()
@@ -266,7 +311,8 @@ async def test_a_leader_whose_lock_session_dies_stops_and_the_follower_takes_ove
     assert ended == [(True,)]
     await wait_for(lambda: not one.scheduler.leading)
     await wait_for(lambda: two.scheduler.leading)
-    await asyncio.sleep(0.6)  # the old leader retries, but the lock is taken
+    after = tries[0]
+    await wait_for(lambda: tries[0] >= after + 2)  # the old leader retried, twice, after the take-over
     assert not one.scheduler.leading
 
 
