@@ -618,3 +618,50 @@ async def test_a_markdown_file_attached_to_kb_add_becomes_a_document(
     assert "Added “onboarding” to the knowledge base" in answer.content, answer.content
     hits = await app.context.search.search("laptop Priya", "discord", str(general.guild.id), str(general.id), 5)
     assert any("Priya" in hit.text and hit.name == "onboarding" for hit in hits)
+
+
+async def test_slash_options_are_typed_and_bounded_as_declared(
+    bot: QuillClient, webhook: RecordingWebhookAdapter
+) -> None:
+    general, manager = channel("general"), discord.Permissions(manage_guild=True)
+    scope = [{"name": "scope", "type": 3, "value": "guild"}]
+    await invoke(interaction_payload(bot, general, member("ada"), ["quill", "sync"], scope, permissions=manager))
+    published = {c["name"]: {o["name"]: o for o in c.get("options", [])} for c in bot.api.synced[str(general.guild.id)]}
+    days = published["retention"]["days"]
+    assert (days["type"], days["min_value"], days["max_value"], days["required"]) == (4, 0, 36_500, False)
+    hours = published["summarize"]["hours"]
+    assert (hours["type"], hours["min_value"], hours["max_value"]) == (4, 1, 24 * 365)
+    assert [c["value"] for c in published["write"]["tone"]["choices"]] == ["formal", "friendly", "concise"]
+    name = published["kb-add"]["name"]
+    assert (name["type"], name["min_length"], name["max_length"]) == (3, 1, 100)
+
+
+async def test_a_slash_number_out_of_range_is_refused_before_the_plugin(
+    bot: QuillClient, app: Quill, webhook: RecordingWebhookAdapter
+) -> None:
+    """Discord enforces the bounds it was given; a stale command published before them still
+    reaches the router, which refuses it naming the option."""
+    general, manager = channel("general"), discord.Permissions(manage_guild=True)
+    huge = [{"name": "days", "type": 4, "value": 10**12}]
+    await invoke(interaction_payload(bot, general, member("ada"), ["retention"], huge, permissions=manager))
+    assert "days takes a whole number from 0 to 36,500" in webhook.texts()[-1]
+    assert await app.memory.get_setting(str(general.guild.id), "", "retention_days") is None
+    ok = [{"name": "days", "type": 4, "value": 7}]
+    await invoke(interaction_payload(bot, general, member("ada"), ["retention"], ok, permissions=manager))
+    assert await app.memory.get_setting(str(general.guild.id), "", "retention_days") == 7
+
+
+async def test_forget_channel_by_a_member_is_refused_privately_and_by_mention_names_the_permission(
+    bot: QuillClient, app: Quill, webhook: RecordingWebhookAdapter
+) -> None:
+    general, bob = channel("general"), member("bob")
+    await post(general, bob, "meeting at 4")  # history of the channel
+    text = [{"name": "text", "type": 3, "value": "channel"}]
+    await invoke(interaction_payload(bot, general, bob, ["forget"], text))
+    assert webhook.ephemeral()  # deferred privately: refusal (or answer) seen by bob alone
+    assert "admins only" in webhook.texts()[-1] and "Manage Server" in webhook.texts()[-1]
+    assert len(await stored(app, str(general.guild.id), str(general.id))) == 1
+
+    await post(general, bob, f"{bot.user.mention} /kb-add name:notes some text")
+    [refusal] = await bot_messages(bot, general)
+    assert "/kb-add is for admins only" in refusal.content and "Manage Server" in refusal.content
