@@ -21,10 +21,15 @@ from sqlmodel import Session, select
 from bot.api import ChatMessage, Command, Option, PluginContext, Reply, Request, hookimpl
 from bot.app import Quill
 from bot.engine import GenerationOptions
+from bot.engine.batched import BatchedEngine
+from bot.engine.local import LocalEngine
 from bot.memory import Memory
 from bot.models import Message
 from bot.plugins import make_plugin_manager
 from bot.router import Router, clean_text
+from tests.conftest import make_settings
+from tests.openai_servers import ScriptedHandler, ScriptedServer
+from tests.test_engine_openai import openai_settings, started
 from tests.test_privacy import snapshot
 
 INJECTIONS = [
@@ -330,3 +335,61 @@ async def test_bounded_options_still_take_good_values(app: Quill) -> None:
 async def test_bidi_isolates_are_not_stored(app: Quill, isolate: str) -> None:
     assert clean_text(f"pay {isolate}alice{isolate} 5 €") == "pay alice 5 €"
     assert clean_text(f"付款{isolate}给爱丽丝") == "付款给爱丽丝"
+
+
+# -- what the model's bytes become on screen ----------------------------------------------------
+
+CHINESE = [ChatMessage("user", "请用中文写一句话：今天天气很好，我们去公园散步。")]  # noqa: RUF001
+
+
+@pytest.mark.parametrize("which", ["engine", "batched_engine"])
+async def test_a_chinese_reply_cut_mid_character_never_shows_a_replacement_character(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    eng = request.getfixturevalue(which)
+    shown = []
+    for max_tokens in range(1, 4):
+        options = GenerationOptions(max_tokens=max_tokens, temperature=0.0)
+        shown.append("".join([piece async for piece in eng.stream(CHINESE, options)]))
+    assert "\ufffd" not in "".join(shown), shown
+    assert (await eng.chat(CHINESE, GenerationOptions(max_tokens=1, temperature=0.0))).text == ""
+    first = next(text for text in shown if text)
+    # The first character takes more than one token, so the shortest replies were cut inside it:
+    # its incomplete bytes were dropped, not shown as U+FFFD.
+    assert len(eng._llm.tokenize(first[0].encode(), False, False)) > 1 and shown[0] == ""
+    assert all("\u4e00" <= ch <= "\u9fff" or ch in "\uff0c\u3002" for ch in "".join(shown))  # Han and CJK punctuation
+
+
+def broken_bytes(handler: ScriptedHandler, body: dict[str, object]) -> None:
+    """A server that rendered invalid and cut UTF-8 as U+FFFD, as the tester saw."""
+    handler.start_events()
+    handler.send_pieces(["今天训", "\ufffd\ufffd\ufffd", "练完了训\ufffd"], "length")
+    handler.send_event("[DONE]")
+    handler.wfile.write(b"0\r\n\r\n")
+
+
+async def test_replacement_characters_from_a_server_are_dropped(tmp_path: Path) -> None:
+    with ScriptedServer() as scripted:
+        scripted.chat = broken_bytes
+        async with started(openai_settings(tmp_path, scripted.url)) as remote:
+            options = GenerationOptions(max_tokens=16, temperature=0.0)
+            streamed = "".join([piece async for piece in remote.stream(CHINESE, options)])
+            assert streamed == "今天训练完了训" == (await remote.chat(CHINESE, options)).text
+
+
+@pytest.mark.parametrize("engine_class", [LocalEngine, BatchedEngine])
+async def test_seed_minus_one_is_random_from_one_start_to_the_next(
+    tmp_path: Path, engine_class: type[LocalEngine]
+) -> None:
+    """Two processes (here: two fresh engines) with QUILL_SEED=-1 sample differently."""
+    story = [ChatMessage("user", "Invent a name for a new planet and describe it.")]
+    replies = []
+    for run in range(2):
+        settings = make_settings(tmp_path / str(run), seed=-1, n_ctx=512, batch_kv_mb=1, batch_streams=1)
+        fresh = engine_class(settings)
+        fresh.start()
+        try:
+            replies.append((await fresh.chat(story, GenerationOptions(max_tokens=24, temperature=1.5))).text)
+        finally:
+            await fresh.close()
+    assert replies[0] != replies[1], replies
