@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import re
 import threading
 import zlib
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 JOBS_TABLE = "apscheduler_jobs"
 SCHEDULER_AUTHOR_ID = "scheduler"
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_TWO_DIGITS = re.compile("[0-9]{1,2}")  # ASCII: str.isdigit() also takes '²', which int() refuses
 
 
 class ScheduleError(ValueError):
@@ -106,7 +108,9 @@ def parse_when(spec: str, default_tz: str) -> CronTrigger:
         if day not in WEEKDAYS:
             raise ScheduleError(f"Unknown weekday {fields[0]!r}; use one of {', '.join(WEEKDAYS)}.")
     hour, sep, minute = fields[-1].partition(":")
-    if not (sep and hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+    if not (
+        sep and _TWO_DIGITS.fullmatch(hour) and _TWO_DIGITS.fullmatch(minute) and int(hour) < 24 and int(minute) < 60
+    ):
         raise ScheduleError(f"Bad time {fields[-1]!r}; use 24-hour HH:MM, e.g. 09:30.")
     return CronTrigger(day_of_week=day, hour=int(hour), minute=int(minute), timezone=tz)
 

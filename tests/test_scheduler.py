@@ -127,6 +127,7 @@ def test_presets_and_cron_parse() -> None:
         ("hourly 10", "Unknown schedule kind 'hourly'"),
         ("daily 25:00", "Bad time '25:00'"),
         ("daily 9", "Bad time '9'"),
+        ("daily \u00b2:00", "Bad time '\u00b2:00'"),  # '²' passes str.isdigit(), not int()
         ("weekly funday 09:00", "Unknown weekday 'funday'"),
         ("daily 09:00 Mars/Base", "Unknown time zone 'Mars/Base'"),
         ("daily 09:00 Europe", "Unknown time zone .Europe."),

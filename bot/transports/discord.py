@@ -45,6 +45,7 @@ DESCRIPTION_LIMIT = 100  # Discord's limit for command and option descriptions
 THREAD_NAME_LIMIT = 90
 AUTOCOMPLETE_LIMIT = 25
 TEXT_OPTION = "text"
+ASCII_DIGITS = "0123456789"  # str.isdigit() also takes '²', which int() refuses
 SLASH_TEXT_LIMIT = 6000  # Discord's longest string option
 TEXT_FILE_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".rst")
 MAX_TEXT_FILE = 1_000_000  # bytes; the router refuses text past QUILL_MAX_DOCUMENT_CHARS anyway
@@ -197,7 +198,7 @@ class QuillClientMixin:
 
     async def post_scheduled(self, place: Place, target: str, reply: Reply) -> None:
         """The scheduler's poster: a job's reply goes to `target`, a channel id or mention."""
-        channel_id = "".join(ch for ch in target if ch.isdigit()) or place.channel_id
+        channel_id = "".join(ch for ch in target if ch in ASCII_DIGITS) or place.channel_id
         destination = self._target(replace(reply, channel_id=channel_id), None)
         if not await self._deliver(reply, destination):
             log.error("scheduled reply for %s not posted to %r", place, target)
@@ -439,7 +440,8 @@ class QuillClientMixin:
         `default`; None (logged) when that channel is not one the bot can post in."""
         if reply.channel_id is None:
             return default
-        channel = self.get_channel(int(reply.channel_id)) if reply.channel_id.isdigit() else None  # type: ignore[attr-defined]
+        snowflake = reply.channel_id.isascii() and reply.channel_id.isdigit()  # not '²': int() refuses it
+        channel = self.get_channel(int(reply.channel_id)) if snowflake else None  # type: ignore[attr-defined]
         if not isinstance(channel, discord.abc.Messageable):
             log.warning("a plugin asked to post in channel %r, which I cannot see", reply.channel_id)
             return None
