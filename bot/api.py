@@ -209,7 +209,8 @@ class Option:
         return text
 
     def _refused(self, value: object) -> OptionError:
-        shown = repr(value) if len(str(value)) <= 40 else f"{str(value)[:40]!r}… ({len(str(value)):,} characters)"
+        text = str(value)
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}… ({len(text):,} characters)"
         return OptionError(f"{self.name} takes {self.takes()}, not {shown}.")
 
 

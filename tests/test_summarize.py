@@ -147,8 +147,10 @@ async def test_summarize_usage_errors_and_empty_place(small_app: Quill) -> None:
     for bad in ("messages:0", "messages:lots", "hours:-3"):
         reply = await small_app.router.handle(request(f"/summarize {bad}"))
         assert reply.failed and "Usage: /summarize" in reply.text
-    too_many = await small_app.router.handle(request("/summarize messages:999999"))
+    too_many = await small_app.router.handle(request("/summarize messages:99999"))  # over the setting
     assert too_many.failed and "QUILL_SUMMARIZE_MAX_MESSAGES" in too_many.text
+    past_bound = await small_app.router.handle(request("/summarize messages:999999"))  # over the option's bound
+    assert past_bound.failed and "messages takes a whole number from 1 to 100,000" in past_bound.text
 
 
 async def test_digest_section_covers_messages_since_a_time(small_app: Quill) -> None:
