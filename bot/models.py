@@ -72,6 +72,8 @@ class Message(SQLModel, table=True):
     content: str = Field(sa_column=Column(Text, nullable=False))
     token_count: int = 0
     created_at: datetime = _timestamp(index=True)
+    # The content's search terms (bot/textindex.py), which the full-text index reads.
+    terms: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
 
 
 class ScopeSetting(SQLModel, table=True):
@@ -144,7 +146,7 @@ class KnowledgeDoc(SQLModel, table=True):
 
 
 class KnowledgeChunk(SQLModel, table=True):
-    """A passage of a document: the unit that full-text search finds and Q&A cites."""
+    """A passage of a document: the unit that search finds and Q&A cites (with its heading)."""
 
     __tablename__ = "knowledge_chunk"
 
@@ -152,3 +154,7 @@ class KnowledgeChunk(SQLModel, table=True):
     doc_id: int = Field(foreign_key="knowledge_doc.id", index=True, ondelete="CASCADE")
     position: int = 0
     content: str = Field(sa_column=Column(Text, nullable=False))
+    # The nearest Markdown heading at or above the passage's start ("" before any heading).
+    heading: str = Field(default="", max_length=200, sa_column_kwargs={"server_default": ""})
+    # The content's search terms (bot/textindex.py), which the full-text index reads.
+    terms: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))

@@ -1,69 +1,103 @@
-"""Full-text search over the knowledge base and past messages: SQLite FTS5 or PostgreSQL tsvector.
+"""Search over the knowledge base and past messages, the same on SQLite and PostgreSQL.
 
-The local engine has no embeddings yet, so retrieval is lexical, done by the database itself:
-FTS5 tables kept in step by triggers on SQLite, GIN expression indexes on PostgreSQL (both made
-by the "0002_knowledge" migration). A question becomes an OR of its content words, ranked by
-BM25 (SQLite) or ts_rank_cd (PostgreSQL); no match means nothing relevant is stored.
+Text is turned into search terms in Python (`bot.textindex`: Chinese segmented, mixed runs split,
+stop words per language) and stored beside it; the database indexes only those terms (FTS5 on
+SQLite, a 'simple' tsvector GIN index on PostgreSQL, both made by migration 0004) and returns
+candidates. The final ranking and the relevance of each hit are computed here, from the same
+figures on both databases: BM25 for the order, and for relevance the share of the question's
+weight (each term weighed by its IDF) that the passage contains. A hit whose relevance is under
+the caller's floor (QUILL_QA_MIN_RELEVANCE, chosen with `bench/retrieval.py`) is dropped, so a
+question that shares one generic word with the documents finds nothing.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, bindparam, text
 from sqlmodel import Session, col, select
 
 from bot.memory import _off_loop
 from bot.models import KnowledgeChunk, KnowledgeDoc, UTCDateTime
+from bot.textindex import index_text, query_terms, terms
 
 PASSAGE_CHARS = 1000
-MAX_QUERY_TERMS = 16
+CANDIDATES = 100  # passages the database proposes per kind before the ranking here
+QUOTE_CHARS = 160
+BM25_K1, BM25_B = 1.2, 0.75
 
-# Words too common to tell documents apart (PostgreSQL's "english" configuration drops these too).
-_STOPWORDS = frozenset(
-    """a about above after again all am an and any are as at be been before being below between both
-    but by can could did do does doing down during each few for from further had has have having he her
-    here hers him his how i if in into is it its itself just me more most my no nor not now of off on
-    once only or other our ours out over own same she should so some such than that the their theirs
-    them then there these they this those through to too under until up very was we were what when
-    where which while who whom why will with would you your yours please tell know""".split()  # noqa: SIM905
-)
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_SENTENCE = re.compile(r"[^.!?。！？\n]+[.!?。！？]*")
 
 
-def query_terms(question: str) -> list[str]:
-    """The distinct content words of a question, lower-cased, in order."""
-    words = re.findall(r"\w+", question.casefold())
-    terms = [w for w in dict.fromkeys(words) if len(w) > 1 and w not in _STOPWORDS]
-    return terms[:MAX_QUERY_TERMS]
+@dataclass(frozen=True)
+class Passage:
+    """A piece of a document, with the nearest Markdown heading at or above its start."""
+
+    text: str
+    heading: str = ""
 
 
-def split_passages(body: str, max_chars: int = PASSAGE_CHARS) -> list[str]:
-    """Cut a document into passages of at most `max_chars`, at paragraph, then line, then word
-    boundaries, so each search hit is a readable piece of the document."""
-    passages: list[str] = []
-    current = ""
-    pieces = [p.strip() for p in re.split(r"\n\s*\n", body) if p.strip()]
-    for piece in pieces:
-        while len(piece) > max_chars:
-            cut = piece.rfind("\n", 0, max_chars)
-            if cut <= 0:
-                cut = piece.rfind(" ", 0, max_chars)
-            if cut <= 0:
-                cut = max_chars
-            if current:
-                passages.append(current)
+def _blocks(body: str) -> list[tuple[str, str]]:
+    """(heading in force, block) for each paragraph; a heading line is glued to the text under
+    it, so no passage ends on a heading cut off from its section."""
+    blocks: list[tuple[str, str]] = []
+    heading, pending = "", ""
+    for para in (p.strip() for p in re.split(r"\n\s*\n", body)):
+        if not para:
+            continue
+        lines = para.split("\n")
+        for line in lines:  # the last heading of the paragraph is the one in force after it
+            if match := _HEADING.match(line.strip()):
+                heading = match.group(2).strip()
+        if _HEADING.match(lines[-1].strip()):
+            pending = f"{pending}\n\n{para}" if pending else para
+            continue
+        blocks.append((heading, f"{pending}\n\n{para}" if pending else para))
+        pending = ""
+    if pending:
+        blocks.append((heading, pending))
+    return blocks
+
+
+def _cut(piece: str, max_chars: int) -> Iterable[str]:
+    """A block longer than `max_chars`, cut at line, then word boundaries."""
+    while len(piece) > max_chars:
+        cut = piece.rfind("\n", 0, max_chars)
+        if cut <= 0:
+            cut = piece.rfind(" ", 0, max_chars)
+        if cut <= 0:
+            cut = max_chars
+        yield piece[:cut].strip()
+        piece = piece[cut:].strip()
+    if piece:
+        yield piece
+
+
+def split_passages(body: str, max_chars: int = PASSAGE_CHARS) -> list[Passage]:
+    """Cut a document into passages of at most `max_chars`: whole paragraphs packed together
+    within one section (a new heading starts a new passage), long ones cut at line, then word
+    boundaries, so each search hit is a readable, citable piece of the document."""
+    passages: list[Passage] = []
+    current, current_heading = "", ""
+    for heading, block in _blocks(body):
+        starts_section = _HEADING.match(block.split("\n", 1)[0].strip()) is not None
+        for piece in _cut(block, max_chars):
+            if current and (starts_section or len(current) + 2 + len(piece) > max_chars):
+                passages.append(Passage(current, current_heading))
                 current = ""
-            passages.append(piece[:cut].strip())
-            piece = piece[cut:].strip()
-        if current and len(current) + 2 + len(piece) > max_chars:
-            passages.append(current)
-            current = ""
-        current = f"{current}\n\n{piece}" if current else piece
+            if not current:
+                current_heading = heading
+            current = f"{current}\n\n{piece}" if current else piece
+            starts_section = False
     if current:
-        passages.append(current)
+        passages.append(Passage(current, current_heading))
     return passages
 
 
@@ -73,17 +107,61 @@ class Hit:
 
     kind: str  # "doc" or "message"
     text: str
-    score: float
+    score: float  # relevance, 0..1: the IDF-weighted share of the question found in the text
     name: str = ""  # document name
+    heading: str = ""  # the nearest Markdown heading above the passage
+    quote: str = ""  # the sentence of the text that matches the question best, shortened
     message_id: str = ""  # the transport's id when known, else "#<row id>"
     author: str = ""
     channel_id: str = ""
     created_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class _Scored:
+    row: Any
+    rank: float
+    relevance: float
+
+
+def _idf(df: int, n: int) -> float:
+    return math.log(1 + (n - df + 0.5) / (df + 0.5))
+
+
+def _score(q_terms: Sequence[str], rows: Sequence[Any], df: dict[str, int], n: int) -> list[_Scored]:
+    """BM25 of each candidate (its order), and its relevance: the summed IDF of the question's
+    terms it contains over that of all of them. A term stored nowhere weighs the most, so
+    "lunch break" against a corpus that only knows "long" stays far below the floor."""
+    idf = {t: _idf(df.get(t, 0), max(n, 1)) for t in q_terms}
+    total = sum(idf.values()) or 1.0
+    bags = [Counter(row.terms.split()) for row in rows]
+    avgdl = (sum(sum(b.values()) for b in bags) / len(bags)) if bags else 1.0
+    scored = []
+    for row, bag in zip(rows, bags, strict=True):
+        dl = sum(bag.values())
+        rank = sum(
+            idf[t] * bag[t] * (BM25_K1 + 1) / (bag[t] + BM25_K1 * (1 - BM25_B + BM25_B * dl / avgdl))
+            for t in q_terms
+            if t in bag
+        )
+        scored.append(_Scored(row, rank, sum(idf[t] for t in q_terms if t in bag) / total))
+    scored.sort(key=lambda s: (-s.rank, s.row.id))
+    return scored
+
+
+def best_quote(passage: str, q_terms: Sequence[str]) -> str:
+    """The sentence of `passage` holding most of the question's terms, at most QUOTE_CHARS."""
+    wanted = set(q_terms)
+    sentences = [s.strip(" #\t") for s in _SENTENCE.findall(passage) if s.strip(" #\t")]
+    if not sentences:
+        return ""
+    best = max(sentences, key=lambda s: len(wanted & set(terms(s))))
+    return best if len(best) <= QUOTE_CHARS else best[: QUOTE_CHARS - 1].rstrip() + "…"
+
+
 class Search:
-    """The knowledge base (documents and their passages) and full-text search over it and
-    the stored messages of a place."""
+    """The knowledge base (documents and their passages) and search over it and the stored
+    messages of a place."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -110,22 +188,32 @@ class Search:
             session.add(doc)
             session.flush()
             assert doc.id is not None
-            session.add_all(KnowledgeChunk(doc_id=doc.id, position=i, content=p) for i, p in enumerate(passages))
+            session.add_all(chunk_rows(doc.id, passages))
             session.commit()
         return len(passages)
 
     @_off_loop
     def list_documents(self, transport: str, guild_id: str, channel_id: str) -> list[tuple[str, int]]:
         """(name, passage count) of the documents a place can search, by name."""
+        return [(name, count) for name, count, _ in self._documents(transport, guild_id, channel_id)]
+
+    @_off_loop
+    def documents_since(
+        self, transport: str, guild_id: str, channel_id: str, since: datetime
+    ) -> list[tuple[str, int, datetime]]:
+        """(name, passage count, added at) of the place's documents added or replaced after `since`."""
+        return [d for d in self._documents(transport, guild_id, channel_id) if d[2] > since]
+
+    def _documents(self, transport: str, guild_id: str, channel_id: str) -> list[tuple[str, int, datetime]]:
         query = text(
-            "SELECT d.name, COUNT(c.id) FROM knowledge_doc d "
+            "SELECT d.name, COUNT(c.id) AS n, d.created_at FROM knowledge_doc d "
             "LEFT JOIN knowledge_chunk c ON c.doc_id = d.id "
             "WHERE d.transport = :t AND d.guild_id = :g AND d.channel_id = :s "
-            "GROUP BY d.id, d.name ORDER BY d.name"
-        )
+            "GROUP BY d.id, d.name, d.created_at ORDER BY d.name"
+        ).columns(created_at=UTCDateTime())
         scope = {"t": transport, "g": guild_id, "s": _doc_scope(guild_id, channel_id)}
         with self.engine.connect() as conn:
-            return [(name, count) for name, count in conn.execute(query, scope)]
+            return [(row.name, row.n, row.created_at) for row in conn.execute(query, scope)]
 
     @_off_loop
     def remove_document(self, transport: str, guild_id: str, channel_id: str, name: str) -> bool:
@@ -142,48 +230,95 @@ class Search:
     # -- search ----------------------------------------------------------------------------
 
     @_off_loop
-    def search(self, question: str, transport: str, guild_id: str, channel_id: str, limit: int) -> list[Hit]:
-        """The best passages and past user messages for `question`, at most `limit` in all.
-        A guild's messages are searched in all its channels; a DM's or the
-        console's only in that channel, so private conversations never leak."""
-        terms = query_terms(question)
-        if not terms:
+    def search(
+        self,
+        question: str,
+        transport: str,
+        guild_id: str,
+        channel_id: str,
+        limit: int,
+        min_relevance: float = 0.0,
+    ) -> list[Hit]:
+        """The best passages and past user messages for `question` whose relevance reaches
+        `min_relevance`, at most `limit` in all. A guild's messages are searched in all its
+        channels; a DM's or the console's only in that channel, so private conversations
+        never leak."""
+        q_terms = query_terms(question)
+        if not q_terms:
             return []
-        values = {
-            "t": transport,
-            "g": guild_id,
-            "c": channel_id,
-            "s": _doc_scope(guild_id, channel_id),
-            "n": limit,
-        }
+        values = {"t": transport, "g": guild_id, "c": channel_id, "s": _doc_scope(guild_id, channel_id)}
+        values["k"] = CANDIDATES
         if self.postgres:
-            values["q"] = " or ".join(terms)
+            values["q"] = " or ".join(q_terms)
             docs_sql, messages_sql = _PG_DOCS, _PG_MESSAGES
         else:
-            values["q"] = " OR ".join(f'"{t}"' for t in terms)
+            values["q"] = " OR ".join(f'"{t}"' for t in q_terms)
             docs_sql, messages_sql = _SQLITE_DOCS, _SQLITE_MESSAGES
         with self.engine.connect() as conn:
-            docs = [
-                Hit("doc", row.content, float(row.score), name=row.name) for row in conn.execute(text(docs_sql), values)
-            ]
-            messages = [
-                Hit(
-                    "message",
-                    row.content,
-                    float(row.score),
-                    message_id=row.external_id or f"#{row.id}",
-                    author=row.author_name or row.author_id,
-                    channel_id=row.channel_id,
-                    created_at=row.created_at,
-                )
-                for row in conn.execute(text(messages_sql).columns(created_at=UTCDateTime()), values)
-            ]
-        return _interleave(docs, messages)[:limit]
+            doc_rows = list(conn.execute(text(docs_sql), values))
+            message_rows = list(conn.execute(text(messages_sql).columns(created_at=UTCDateTime()), values))
+            docs = self._scored(conn, "knowledge_chunk", q_terms, doc_rows)
+            messages = self._scored(conn, "message", q_terms, message_rows)
+        doc_hits = [
+            Hit(
+                "doc",
+                s.row.content,
+                s.relevance,
+                name=s.row.name,
+                heading=s.row.heading,
+                quote=best_quote(s.row.content, q_terms),
+            )
+            for s in docs
+            if s.relevance >= min_relevance
+        ]
+        message_hits = [
+            Hit(
+                "message",
+                s.row.content,
+                s.relevance,
+                quote=best_quote(s.row.content, q_terms),
+                message_id=s.row.external_id or f"#{s.row.id}",
+                author=s.row.author_name or s.row.author_id,
+                channel_id=s.row.channel_id,
+                created_at=s.row.created_at,
+            )
+            for s in messages
+            if s.relevance >= min_relevance
+        ]
+        return _interleave(doc_hits[:limit], message_hits[:limit])[:limit]
+
+    def _scored(self, conn: Connection, table: str, q_terms: list[str], rows: list[Any]) -> list[_Scored]:
+        if not rows:
+            return []
+        n, df = self._stats(conn, table, q_terms)
+        return _score(q_terms, rows, df, n)
+
+    def _stats(self, conn: Connection, table: str, q_terms: list[str]) -> tuple[int, dict[str, int]]:
+        """(rows in `table`, rows holding each term): the IDF figures, over the whole table."""
+        n = conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+        if self.postgres:
+            query = text(
+                f"SELECT t.term, (SELECT COUNT(*) FROM {table} x "
+                "WHERE to_tsvector('simple', x.terms) @@ plainto_tsquery('simple', t.term)) "
+                "FROM unnest(CAST(:terms AS text[])) AS t(term)"
+            )
+            return n, {term: count for term, count in conn.execute(query, {"terms": q_terms})}
+        query = text(f"SELECT term, doc FROM {table}_fts_vocab WHERE term IN :terms").bindparams(
+            bindparam("terms", expanding=True)
+        )
+        return n, {term: count for term, count in conn.execute(query, {"terms": q_terms})}
+
+
+def chunk_rows(doc_id: int, passages: Sequence[Passage]) -> list[KnowledgeChunk]:
+    """The stored rows of a document's passages, with their search terms."""
+    return [
+        KnowledgeChunk(doc_id=doc_id, position=i, content=p.text, heading=p.heading[:200], terms=index_text(p.text))
+        for i, p in enumerate(passages)
+    ]
 
 
 def _interleave(docs: list[Hit], messages: list[Hit]) -> list[Hit]:
-    """Best document, best message, second document, ...: the two rankings are not comparable,
-    and neither kind should crowd the other out."""
+    """Best document, best message, second document, ...: neither kind should crowd the other out."""
     merged: list[Hit] = []
     for i in range(max(len(docs), len(messages))):
         merged += docs[i : i + 1] + messages[i : i + 1]
@@ -214,33 +349,34 @@ _MESSAGE_SCOPE = (
     "JOIN conversation v ON v.id = m.conversation_id "
     "WHERE v.transport = :t AND v.guild_id = :g AND (:g != '' OR v.channel_id = :c) AND m.role = 'user'"
 )
-_MESSAGE_COLUMNS = "m.id, m.external_id, m.author_id, m.author_name, m.content, m.created_at, v.channel_id"
+_MESSAGE_COLUMNS = "m.id, m.external_id, m.author_id, m.author_name, m.content, m.terms, m.created_at, v.channel_id"
+_DOC_COLUMNS = "c.id, c.content, c.terms, c.heading, d.name"
 _DOC_SCOPE = "d.transport = :t AND d.guild_id = :g AND d.channel_id = :s"
 
 _SQLITE_DOCS = f"""
-SELECT c.content, d.name, bm25(knowledge_chunk_fts) AS score
+SELECT {_DOC_COLUMNS}
 FROM knowledge_chunk_fts JOIN knowledge_chunk c ON c.id = knowledge_chunk_fts.rowid
 JOIN knowledge_doc d ON d.id = c.doc_id
 WHERE knowledge_chunk_fts MATCH :q AND {_DOC_SCOPE}
-ORDER BY score LIMIT :n
+ORDER BY bm25(knowledge_chunk_fts) LIMIT :k
 """
 _SQLITE_MESSAGES = f"""
-SELECT {_MESSAGE_COLUMNS}, bm25(message_fts) AS score
+SELECT {_MESSAGE_COLUMNS}
 FROM message_fts JOIN message m ON m.id = message_fts.rowid {_MESSAGE_SCOPE}
 AND message_fts MATCH :q
-ORDER BY score LIMIT :n
+ORDER BY bm25(message_fts) LIMIT :k
 """
 # The tsvector expressions must read exactly like the migration's GIN indexes to use them.
 _PG_DOCS = f"""
-SELECT c.content, d.name, ts_rank_cd(to_tsvector('english', c.content), q) AS score
+SELECT {_DOC_COLUMNS}
 FROM knowledge_chunk c JOIN knowledge_doc d ON d.id = c.doc_id,
-     websearch_to_tsquery('english', :q) q
-WHERE to_tsvector('english', c.content) @@ q AND {_DOC_SCOPE}
-ORDER BY score DESC LIMIT :n
+     websearch_to_tsquery('simple', :q) q
+WHERE to_tsvector('simple', c.terms) @@ q AND {_DOC_SCOPE}
+ORDER BY ts_rank(to_tsvector('simple', c.terms), q) DESC, c.id LIMIT :k
 """
 _PG_MESSAGES = f"""
-SELECT {_MESSAGE_COLUMNS}, ts_rank_cd(to_tsvector('english', m.content), q) AS score
-FROM websearch_to_tsquery('english', :q) q, message m {_MESSAGE_SCOPE}
-AND to_tsvector('english', m.content) @@ q
-ORDER BY score DESC LIMIT :n
+SELECT {_MESSAGE_COLUMNS}
+FROM websearch_to_tsquery('simple', :q) q, message m {_MESSAGE_SCOPE}
+AND to_tsvector('simple', m.terms) @@ q
+ORDER BY ts_rank(to_tsvector('simple', m.terms), q) DESC, m.id LIMIT :k
 """

@@ -6,7 +6,8 @@ from sqlalchemy import text
 
 from bot.api import Request
 from bot.app import Quill
-from bot.search import query_terms, split_passages
+from bot.search import split_passages
+from bot.textindex import query_terms
 from plugins.qa import NOTHING_FOUND
 from tests.test_router import read
 
@@ -42,14 +43,16 @@ async def store_message(app: Quill, channel: str, text: str, message_id: str, gu
     )
 
 
-def test_query_terms_drop_common_words() -> None:
-    assert query_terms("How do I deploy to STAGING? deploy!") == ["deploy", "staging"]
-    assert query_terms("what is it?") == []
+def test_query_terms_stem_segment_chinese_and_drop_stop_words_per_language() -> None:
+    assert query_terms("How do I deploy to STAGING? deploys!") == ["deploy", "stage"]
+    assert query_terms("what is it?") == query_terms("这是什么？") == []
+    assert query_terms("什么是遗忘门？") == ["遗忘", "门"]
+    assert query_terms("Adam优化器") == ["adam", "优化", "器"]  # a Latin word run into Chinese is split off
 
 
 def test_passages_are_cut_at_boundaries_and_keep_everything() -> None:
     body = "\n\n".join(f"Paragraph {i} " + "word " * 60 for i in range(20))
-    passages = split_passages(body, max_chars=500)
+    passages = [p.text for p in split_passages(body, max_chars=500)]
     assert all(len(p) <= 500 for p in passages)
     assert " ".join(" ".join(passages).split()) == " ".join(body.split())
     assert all(p.startswith("Paragraph") for p in passages)
