@@ -33,7 +33,7 @@ from pathlib import Path
 from bot import textindex
 from bot.config import Settings
 from bot.memory import Memory
-from bot.search import Hit, Search
+from bot.search import Hit, Search, relevant
 
 DATA = Path(__file__).parent / "data" / "retrieval"
 PLACE = ("bench", "g1", "help")
@@ -72,7 +72,7 @@ def report(questions: list[Question], results: list[list[Hit]], floor: float) ->
     """The quality table at relevance floor `floor`."""
     groups: dict[tuple[str, str], list[tuple[Question, list[Hit]]]] = defaultdict(list)
     for q, hits in zip(questions, results, strict=True):
-        kept = [h for h in hits if h.score >= floor]
+        kept = relevant(hits, floor)
         groups[(q.lang, q.type)].append((q, kept))
         if q.type != "off-topic":
             groups[(q.lang, "all answerable")].append((q, kept))
@@ -102,7 +102,7 @@ def sweep(questions: list[Question], results: list[list[Hit]]) -> None:
     for floor in FLOORS:
         cells = []
         for lang in ("zh", "en"):
-            pairs = [(q, [h for h in r if h.score >= floor]) for q, r in zip(questions, results, strict=True)]
+            pairs = [(q, relevant(r, floor)) for q, r in zip(questions, results, strict=True)]
             answerable = [(q, h) for q, h in pairs if q.lang == lang and q.type != "off-topic"]
             off = [h for q, h in pairs if q.lang == lang and q.type == "off-topic"]
             r4 = sum(1 for q, h in answerable if (r := rank_of(q, h)) is not None and r <= TOP)

@@ -24,13 +24,17 @@ from sqlalchemy import Connection, Engine, bindparam, text
 from sqlmodel import Session, col, select
 
 from bot.memory import _off_loop
-from bot.models import KnowledgeChunk, KnowledgeDoc, UTCDateTime
+from bot.models import KnowledgeChunk, KnowledgeDoc, UTCDateTime, utcnow
 from bot.textindex import index_text, query_terms, terms
 
 PASSAGE_CHARS = 1000
 CANDIDATES = 100  # passages the database proposes per kind before the ranking here
 QUOTE_CHARS = 160
 BM25_K1, BM25_B = 1.2, 0.75
+# Passages counted in every IDF besides the stored ones, none holding the term: with a handful
+# stored (a new guild's few messages), a word found in all of them would weigh nothing and a
+# fitting question would fall under the relevance floor.
+PRIOR_PASSAGES = 50
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
 _SENTENCE = re.compile(r"[^.!?。！？\n]+[.!?。！？]*")
@@ -67,13 +71,18 @@ def _blocks(body: str) -> list[tuple[str, str]]:
 
 
 def _cut(piece: str, max_chars: int) -> Iterable[str]:
-    """A block longer than `max_chars`, cut at line, then word boundaries."""
+    """A block longer than `max_chars`, cut at line, then word boundaries, never right after
+    the headings it starts with."""
+    lines = piece.split("\n")
+    first_text = next((i for i, line in enumerate(lines) if line and not _HEADING.match(line)), 0)
+    keep = len("\n".join(lines[:first_text]))
     while len(piece) > max_chars:
-        cut = piece.rfind("\n", 0, max_chars)
+        cut = piece.rfind("\n", keep + 1, max_chars)
         if cut <= 0:
-            cut = piece.rfind(" ", 0, max_chars)
+            cut = piece.rfind(" ", keep + 1, max_chars)
         if cut <= 0:
             cut = max_chars
+        keep = 0
         yield piece[:cut].strip()
         piece = piece[cut:].strip()
     if piece:
@@ -132,7 +141,7 @@ def _score(q_terms: Sequence[str], rows: Sequence[Any], df: dict[str, int], n: i
     """BM25 of each candidate (its order), and its relevance: the summed IDF of the question's
     terms it contains over that of all of them. A term stored nowhere weighs the most, so
     "lunch break" against a corpus that only knows "long" stays far below the floor."""
-    idf = {t: _idf(df.get(t, 0), max(n, 1)) for t in q_terms}
+    idf = {t: _idf(df.get(t, 0), n + PRIOR_PASSAGES) for t in q_terms}
     total = sum(idf.values()) or 1.0
     bags = [Counter(row.terms.split()) for row in rows]
     avgdl = (sum(sum(b.values()) for b in bags) / len(bags)) if bags else 1.0
@@ -181,6 +190,7 @@ class Search:
             if doc is not None:
                 _delete_chunks(session, doc)
                 doc.added_by = added_by
+                doc.created_at = utcnow()  # a replaced document counts as new (digests)
             else:
                 doc = KnowledgeDoc(
                     transport=transport, guild_id=guild_id, channel_id=scope, name=name, added_by=added_by
@@ -239,8 +249,8 @@ class Search:
         limit: int,
         min_relevance: float = 0.0,
     ) -> list[Hit]:
-        """The best passages and past user messages for `question` whose relevance reaches
-        `min_relevance`, at most `limit` in all. A guild's messages are searched in all its
+        """The best passages and past user messages for `question` (see `relevant` for
+        `min_relevance`), at most `limit` in all. A guild's messages are searched in all its
         channels; a DM's or the console's only in that channel, so private conversations
         never leak."""
         q_terms = query_terms(question)
@@ -269,7 +279,6 @@ class Search:
                 quote=best_quote(s.row.content, q_terms),
             )
             for s in docs
-            if s.relevance >= min_relevance
         ]
         message_hits = [
             Hit(
@@ -283,9 +292,8 @@ class Search:
                 created_at=s.row.created_at,
             )
             for s in messages
-            if s.relevance >= min_relevance
         ]
-        return _interleave(doc_hits[:limit], message_hits[:limit])[:limit]
+        return relevant(_interleave(doc_hits, message_hits), min_relevance)[:limit]
 
     def _scored(self, conn: Connection, table: str, q_terms: list[str], rows: list[Any]) -> list[_Scored]:
         if not rows:
@@ -315,6 +323,15 @@ def chunk_rows(doc_id: int, passages: Sequence[Passage]) -> list[KnowledgeChunk]
         KnowledgeChunk(doc_id=doc_id, position=i, content=p.text, heading=p.heading[:200], terms=index_text(p.text))
         for i, p in enumerate(passages)
     ]
+
+
+def relevant(hits: list[Hit], floor: float) -> list[Hit]:
+    """The hits worth citing: none unless the best reaches `floor` (the question is about
+    something stored), then those reaching half of it. A question that names a topic and a
+    detail ("the LSTM's forget gate") so keeps the detail's passage, which holds less of it."""
+    if not hits or max(h.score for h in hits) < floor:
+        return []
+    return [h for h in hits if h.score >= floor / 2]
 
 
 def _interleave(docs: list[Hit], messages: list[Hit]) -> list[Hit]:

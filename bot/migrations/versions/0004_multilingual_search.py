@@ -43,7 +43,8 @@ def _sqlite_fts(table: str, column: str, tokenize: str) -> list[str]:
     delete = f"INSERT INTO {fts}({fts}, rowid, {column}) VALUES ('delete', old.id, old.{column});"
     insert = f"INSERT INTO {fts}(rowid, {column}) VALUES (new.id, new.{column});"
     return [
-        f"CREATE VIRTUAL TABLE {fts} USING fts5({column}, content='{table}', content_rowid='id', tokenize='{tokenize}')",
+        f"CREATE VIRTUAL TABLE {fts} USING fts5({column}, content='{table}', content_rowid='id', "
+        f"tokenize='{tokenize}')",
         f"CREATE TRIGGER {fts}_insert AFTER INSERT ON {table} BEGIN {insert} END",
         f"CREATE TRIGGER {fts}_delete AFTER DELETE ON {table} BEGIN {delete} END",
         f"CREATE TRIGGER {fts}_update AFTER UPDATE OF {column} ON {table} BEGIN {delete} {insert} END",
@@ -102,7 +103,8 @@ def _resplit_documents(bind: sa.Connection) -> None:
         if rows:
             bind.execute(
                 sa.text(
-                    "INSERT INTO knowledge_chunk (doc_id, position, content, heading, terms) VALUES (:d, :p, :c, :h, :t)"
+                    "INSERT INTO knowledge_chunk (doc_id, position, content, heading, terms) "
+                    "VALUES (:d, :p, :c, :h, :t)"
                 ),
                 rows,
             )
