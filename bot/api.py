@@ -25,7 +25,7 @@ from bot.engine import (
 from bot.hookspecs import hookimpl
 from bot.memory import Memory
 from bot.prompts import PromptLoader
-from bot.search import Hit, Search
+from bot.search import Hit, Search, Semantic
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
@@ -165,11 +165,13 @@ class PluginContext:
     # Every plugin's `digest_sections` for a place since a time, each one guarded (a failing
     # plugin is left out), unlike a plain `hooks.digest_sections(...)` call; set by the core.
     digest_sections: Callable[[Place, datetime], Awaitable[list[Section]]] | None = None
+    # The embedder and its fusion settings where QUILL_EMBEDDINGS is on (bot/embedder.py).
+    semantic: Semantic | None = None
 
     @cached_property
     def search(self) -> Search:
-        """The knowledge base and full-text search over it and past messages (bot/search.py)."""
-        return Search(self.memory.engine)
+        """The knowledge base and search over it and past messages (bot/search.py)."""
+        return Search(self.memory.engine, self.semantic)
 
     def progress(self) -> None:
         """Say the request being handled is still moving (a summary's next part is done): its

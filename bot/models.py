@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, DateTime, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import Column, DateTime, LargeBinary, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -158,3 +158,23 @@ class KnowledgeChunk(SQLModel, table=True):
     heading: str = Field(default="", max_length=200, sa_column_kwargs={"server_default": ""})
     # The content's search terms (bot/textindex.py), which the full-text index reads.
     terms: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+
+
+class ChunkVector(SQLModel, table=True):
+    """A passage's embedding (float32, unit length) and the embedder that made it."""
+
+    __tablename__ = "chunk_vector"
+
+    chunk_id: int = Field(foreign_key="knowledge_chunk.id", primary_key=True, ondelete="CASCADE")
+    model: str = Field(max_length=100, index=True)
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class MessageVector(SQLModel, table=True):
+    """A message's embedding; erased with the message (forget, retention, a deletion)."""
+
+    __tablename__ = "message_vector"
+
+    message_id: int = Field(foreign_key="message.id", primary_key=True, ondelete="CASCADE")
+    model: str = Field(max_length=100, index=True)
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

@@ -12,20 +12,34 @@ question that shares one generic word with the documents finds nothing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from sqlalchemy import Connection, Engine, bindparam, text
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from bot.memory import _off_loop
+from bot.memory import StorageError, _off_loop
 from bot.models import KnowledgeChunk, KnowledgeDoc, UTCDateTime, utcnow
-from bot.textindex import index_text, query_terms, terms
+from bot.textindex import index_text, language, query_terms, terms
+
+if TYPE_CHECKING:
+    from bot.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+Retrieval = Literal["lexical", "semantic", "hybrid"]
+SEMANTIC_CANDIDATES = 20  # nearest vectors per kind added to the lexical candidates
+EMBED_BATCH = 32  # rows embedded per transaction by the background indexer
+EMBED_POLL_SECONDS = 5.0
 
 PASSAGE_CHARS = 1000
 CANDIDATES = 100  # passages the database proposes per kind before the ranking here
@@ -168,12 +182,23 @@ def best_quote(passage: str, q_terms: Sequence[str]) -> str:
     return best if len(best) <= QUOTE_CHARS else best[: QUOTE_CHARS - 1].rstrip() + "…"
 
 
+@dataclass(frozen=True)
+class Semantic:
+    """An embedder and how its scores join the lexical ones (QUILL_EMBEDDING_* settings)."""
+
+    embedder: Embedder
+    weights: Mapping[str, float]  # per question language
+    min_similarity: float  # the cosine that counts as relevant as `floor`
+    floor: float  # QUILL_QA_MIN_RELEVANCE
+
+
 class Search:
     """The knowledge base (documents and their passages) and search over it and the stored
-    messages of a place."""
+    messages of a place; semantic too where an embedder is given."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, semantic: Semantic | None = None) -> None:
         self.engine = engine
+        self.semantic = semantic
         self.postgres = engine.dialect.name == "postgresql"
 
     # -- documents -------------------------------------------------------------------------
@@ -248,15 +273,18 @@ class Search:
         channel_id: str,
         limit: int,
         min_relevance: float = 0.0,
+        mode: Retrieval = "hybrid",
     ) -> list[Hit]:
         """The best passages and past user messages for `question` (see `relevant` for
         `min_relevance`), at most `limit` in all. A guild's messages are searched in all its
         channels; a DM's or the console's only in that channel, so private conversations
-        never leak."""
-        q_terms = query_terms(question)
-        if not q_terms:
+        never leak. `mode` "hybrid" adds the semantic score where an embedder is on and the
+        question's language has a weight; "lexical" and "semantic" take one side (the bench)."""
+        q_terms = query_terms(question) if mode != "semantic" else []
+        weight = self._weight(question) if mode != "lexical" else 0.0
+        if not q_terms and not weight:
             return []
-        values = {"t": transport, "g": guild_id, "c": channel_id, "s": _doc_scope(guild_id, channel_id)}
+        values: dict[str, Any] = {"t": transport, "g": guild_id, "c": channel_id, "s": _doc_scope(guild_id, channel_id)}
         values["k"] = CANDIDATES
         if self.postgres:
             values["q"] = " or ".join(q_terms)
@@ -265,10 +293,22 @@ class Search:
             values["q"] = " OR ".join(f'"{t}"' for t in q_terms)
             docs_sql, messages_sql = _SQLITE_DOCS, _SQLITE_MESSAGES
         with self.engine.connect() as conn:
-            doc_rows = list(conn.execute(text(docs_sql), values))
-            message_rows = list(conn.execute(text(messages_sql).columns(created_at=UTCDateTime()), values))
-            docs = self._scored(conn, "knowledge_chunk", q_terms, doc_rows)
-            messages = self._scored(conn, "message", q_terms, message_rows)
+            doc_rows, message_rows = [], []
+            if q_terms:
+                doc_rows = list(conn.execute(text(docs_sql), values))
+                message_rows = list(conn.execute(text(messages_sql).columns(created_at=UTCDateTime()), values))
+            doc_cos: dict[int, float] = {}
+            message_cos: dict[int, float] = {}
+            if weight:
+                assert self.semantic is not None
+                values["m"] = self.semantic.embedder.model_id
+                qvec = self.semantic.embedder.embed_blocking([question])[0]
+                doc_cos = _nearest(conn, _DOC_VECTORS, values, qvec)
+                message_cos = _nearest(conn, _MESSAGE_VECTORS, values, qvec)
+                doc_rows += _rows(conn, _DOC_BY_ID, set(doc_cos) - {r.id for r in doc_rows})
+                message_rows += _rows(conn, _MESSAGE_BY_ID, set(message_cos) - {r.id for r in message_rows})
+            docs = self._fused(conn, "knowledge_chunk", q_terms, doc_rows, doc_cos, weight)
+            messages = self._fused(conn, "message", q_terms, message_rows, message_cos, weight)
         doc_hits = [
             Hit(
                 "doc",
@@ -295,6 +335,90 @@ class Search:
         ]
         return relevant(_interleave(doc_hits, message_hits), min_relevance)[:limit]
 
+    def _weight(self, question: str) -> float:
+        """The semantic score's weight for this question's language (0: lexical only)."""
+        if self.semantic is None:
+            return 0.0
+        return self.semantic.weights.get(language(question), 0.0)
+
+    def _fused(
+        self,
+        conn: Connection,
+        table: str,
+        q_terms: list[str],
+        rows: list[Any],
+        cos: dict[int, float],
+        weight: float,
+    ) -> list[_Scored]:
+        """Lexical relevance fused with the semantic one: the larger of the two, a cosine of
+        QUILL_EMBEDDING_MIN_SIMILARITY counting as much as QUILL_QA_MIN_RELEVANCE does, times
+        the language's weight. Without semantic scores the BM25 order stands."""
+        scored = self._scored(conn, table, q_terms, rows)
+        if not weight:
+            return scored
+        assert self.semantic is not None
+        scale = self.semantic.floor / self.semantic.min_similarity
+        fused = [
+            _Scored(s.row, s.rank, max(s.relevance, weight * min(1.0, cos.get(s.row.id, 0.0) * scale))) for s in scored
+        ]
+        fused.sort(key=lambda s: (-s.relevance, -s.rank, s.row.id))
+        return fused
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    @_off_loop
+    def embed_pending(self, batch: int = EMBED_BATCH) -> tuple[int, int]:
+        """Embed up to `batch` passages, then user messages, that have no vector from the
+        current embedder (new ones, or all of them after a model change); returns (embedded
+        now, still waiting)."""
+        assert self.semantic is not None
+        embedder = self.semantic.embedder
+        done = 0
+        with self.engine.begin() as conn:
+            for pending_sql, table, key in (
+                (_PENDING_CHUNKS, "chunk_vector", "chunk_id"),
+                (_PENDING_MESSAGES, "message_vector", "message_id"),
+            ):
+                rows = conn.execute(text(pending_sql + " LIMIT :n"), {"m": embedder.model_id, "n": batch - done}).all()
+                if not rows:
+                    continue
+                vectors = embedder.embed_blocking([r.content for r in rows])
+                ids = [r.id for r in rows]
+                conn.execute(
+                    text(f"DELETE FROM {table} WHERE {key} IN :ids").bindparams(bindparam("ids", expanding=True)),
+                    {"ids": ids},
+                )
+                conn.execute(
+                    text(f"INSERT INTO {table} ({key}, model, vector) VALUES (:i, :m, :v)"),
+                    [{"i": i, "m": embedder.model_id, "v": v.tobytes()} for i, v in zip(ids, vectors, strict=True)],
+                )
+                done += len(rows)
+                if done >= batch:
+                    break
+            left = sum(
+                conn.execute(text(f"SELECT COUNT(*) FROM ({sql}) AS p"), {"m": embedder.model_id}).scalar_one()
+                for sql in (_PENDING_CHUNKS, _PENDING_MESSAGES)
+            )
+        return done, left
+
+    async def keep_embedded(self, poll_seconds: float = EMBED_POLL_SECONDS) -> None:
+        """Run for the life of the process: embed what is new, and everything again after a
+        change of embedder, logging the progress; then look again every `poll_seconds`."""
+        assert self.semantic is not None
+        total = 0
+        while True:
+            try:
+                done, left = await self.embed_pending()
+            except (StorageError, IntegrityError) as exc:  # a row deleted meanwhile; the next round retries
+                log.warning("embedding paused: %s", exc)
+                done, left = 0, 0
+            if done:
+                total += done
+                log.info("embedding with %s: %d done, %d to go", self.semantic.embedder.model_id, total, left)
+                continue
+            total = 0
+            await asyncio.sleep(poll_seconds)
+
     def _scored(self, conn: Connection, table: str, q_terms: list[str], rows: list[Any]) -> list[_Scored]:
         if not rows:
             return []
@@ -315,6 +439,25 @@ class Search:
             bindparam("terms", expanding=True)
         )
         return n, {term: count for term, count in conn.execute(query, {"terms": q_terms})}
+
+
+def _nearest(conn: Connection, sql: str, values: dict[str, Any], qvec: np.ndarray) -> dict[int, float]:
+    """Exact cosine between the question and every stored vector of the scope (unit vectors:
+    a dot product), in numpy: {row id: cosine} of the SEMANTIC_CANDIDATES nearest."""
+    found = conn.execute(text(sql), values).all()
+    if not found:
+        return {}
+    matrix = np.frombuffer(b"".join(v for _, v in found), dtype=np.float32).reshape(len(found), -1)
+    cosines = matrix @ qvec
+    best = np.argsort(-cosines)[:SEMANTIC_CANDIDATES]
+    return {found[i][0]: float(cosines[i]) for i in best}
+
+
+def _rows(conn: Connection, sql: str, ids: set[int]) -> list[Any]:
+    if not ids:
+        return []
+    query = text(sql).bindparams(bindparam("ids", expanding=True)).columns(created_at=UTCDateTime())
+    return list(conn.execute(query, {"ids": sorted(ids)}))
 
 
 def chunk_rows(doc_id: int, passages: Sequence[Passage]) -> list[KnowledgeChunk]:
@@ -369,6 +512,27 @@ _MESSAGE_SCOPE = (
 _MESSAGE_COLUMNS = "m.id, m.external_id, m.author_id, m.author_name, m.content, m.terms, m.created_at, v.channel_id"
 _DOC_COLUMNS = "c.id, c.content, c.terms, c.heading, d.name"
 _DOC_SCOPE = "d.transport = :t AND d.guild_id = :g AND d.channel_id = :s"
+
+_DOC_BY_ID = f"SELECT {_DOC_COLUMNS} FROM knowledge_chunk c JOIN knowledge_doc d ON d.id = c.doc_id WHERE c.id IN :ids"
+_MESSAGE_BY_ID = (
+    f"SELECT {_MESSAGE_COLUMNS} FROM message m JOIN conversation v ON v.id = m.conversation_id WHERE m.id IN :ids"
+)
+_DOC_VECTORS = f"""
+SELECT x.chunk_id, x.vector FROM chunk_vector x JOIN knowledge_chunk c ON c.id = x.chunk_id
+JOIN knowledge_doc d ON d.id = c.doc_id WHERE x.model = :m AND {_DOC_SCOPE}
+"""
+_MESSAGE_VECTORS = f"""
+SELECT x.message_id, x.vector FROM message_vector x JOIN message m ON m.id = x.message_id {_MESSAGE_SCOPE}
+AND x.model = :m
+"""
+_PENDING_CHUNKS = """
+SELECT c.id, c.content FROM knowledge_chunk c LEFT JOIN chunk_vector x ON x.chunk_id = c.id
+WHERE x.chunk_id IS NULL OR x.model != :m ORDER BY c.id
+"""
+_PENDING_MESSAGES = """
+SELECT m.id, m.content FROM message m LEFT JOIN message_vector x ON x.message_id = m.id
+WHERE m.role = 'user' AND (x.message_id IS NULL OR x.model != :m) ORDER BY m.id
+"""
 
 _SQLITE_DOCS = f"""
 SELECT {_DOC_COLUMNS}

@@ -116,3 +116,10 @@ def index_text(text: str) -> str:
 def query_terms(question: str) -> list[str]:
     """The distinct terms of a question, in order, at most MAX_QUERY_TERMS."""
     return list(dict.fromkeys(terms(question)))[:MAX_QUERY_TERMS]
+
+
+def language(text: str) -> str:
+    """ "zh" for a text mostly in CJK script, else "en": which fusion weight a question gets."""
+    cjk = sum(len(run) for run, _ in _TOKEN.findall(text) if run)
+    letters = sum(len(run) + len(other) for run, other in _TOKEN.findall(text))
+    return "zh" if letters and cjk * 2 >= letters else "en"

@@ -8,6 +8,8 @@ databases index that column alone. This revision:
 - adds `message.terms`, `knowledge_chunk.terms` and `knowledge_chunk.heading`;
 - cuts every existing document again into heading-aware passages (its text is the old passages
   joined in order, so nothing is lost) and fills in the terms of every message;
+- adds `chunk_vector` and `message_vector` (embeddings, with the embedder that made each; filled
+  in the background by bot/search.py when QUILL_EMBEDDINGS is on);
 - replaces the old indexes: on SQLite, FTS5 tables over `terms` kept in step by triggers, plus
   `fts5vocab` tables (per-term passage counts, for the IDF); on PostgreSQL, GIN indexes on
   `to_tsvector('simple', terms)`.
@@ -117,6 +119,19 @@ def upgrade() -> None:
     op.add_column("message", sa.Column("terms", sa.Text(), server_default="", nullable=False))
     op.add_column("knowledge_chunk", sa.Column("terms", sa.Text(), server_default="", nullable=False))
     op.add_column("knowledge_chunk", sa.Column("heading", sa.String(length=200), server_default="", nullable=False))
+    for table, key, parent in (
+        ("chunk_vector", "chunk_id", "knowledge_chunk"),
+        ("message_vector", "message_id", "message"),
+    ):
+        op.create_table(
+            table,
+            sa.Column(key, sa.Integer(), nullable=False),
+            sa.Column("model", sa.String(length=100), nullable=False),
+            sa.Column("vector", sa.LargeBinary(), nullable=False),
+            sa.ForeignKeyConstraint([key], [f"{parent}.id"], ondelete="CASCADE"),
+            sa.PrimaryKeyConstraint(key),
+        )
+        op.create_index(f"ix_{table}_model", table, ["model"])
     _reindex_messages(bind)
     _resplit_documents(bind)
     # Terms are already case-folded and segmented: the index splits on spaces and nothing else.
@@ -126,6 +141,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     dialect = op.get_bind().dialect.name
     _drop_indexes(dialect)
+    op.drop_table("message_vector")
+    op.drop_table("chunk_vector")
     op.drop_column("knowledge_chunk", "heading")
     op.drop_column("knowledge_chunk", "terms")
     op.drop_column("message", "terms")
