@@ -143,6 +143,10 @@ class KnowledgeDoc(SQLModel, table=True):
     name: str = Field(max_length=100)
     added_by: str = Field(default="", max_length=64, sa_column_kwargs={"info": PERSONAL_ANONYMIZE})
     created_at: datetime = _timestamp()
+    # Where `quill kb import` read it (the file's absolute path; "" when added by a message), and
+    # the sha256 of its text: an unchanged file is skipped, a vanished one pruned.
+    source: str = Field(default="", max_length=500, sa_column_kwargs={"server_default": ""})
+    sha256: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
 
 
 class KnowledgeChunk(SQLModel, table=True):

@@ -13,6 +13,7 @@ question that shares one generic word with the documents finds nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -205,9 +206,17 @@ class Search:
 
     @_off_loop
     def add_document(
-        self, transport: str, guild_id: str, channel_id: str, name: str, body: str, added_by: str = ""
+        self,
+        transport: str,
+        guild_id: str,
+        channel_id: str,
+        name: str,
+        body: str,
+        added_by: str = "",
+        source: str = "",
     ) -> int:
-        """Store (or replace, by name) a document cut into passages; returns the passage count."""
+        """Store (or replace, by name) a document cut into passages; returns the passage count.
+        `source` is the file it was imported from (`quill kb import`)."""
         passages = split_passages(body)
         scope = _doc_scope(guild_id, channel_id)
         with Session(self.engine) as session:
@@ -220,6 +229,7 @@ class Search:
                 doc = KnowledgeDoc(
                     transport=transport, guild_id=guild_id, channel_id=scope, name=name, added_by=added_by
                 )
+            doc.source, doc.sha256 = source, content_hash(body)
             session.add(doc)
             session.flush()
             assert doc.id is not None
@@ -238,6 +248,18 @@ class Search:
     ) -> list[tuple[str, int, datetime]]:
         """(name, passage count, added at) of the place's documents added or replaced after `since`."""
         return [d for d in self._documents(transport, guild_id, channel_id) if d[2] > since]
+
+    @_off_loop
+    def imported(self, transport: str, guild_id: str, channel_id: str) -> dict[str, tuple[str, str]]:
+        """{name: (source file, sha256)} of the place's documents that came from files."""
+        query = select(KnowledgeDoc.name, KnowledgeDoc.source, KnowledgeDoc.sha256).where(
+            KnowledgeDoc.transport == transport,
+            KnowledgeDoc.guild_id == guild_id,
+            KnowledgeDoc.channel_id == _doc_scope(guild_id, channel_id),
+            KnowledgeDoc.source != "",
+        )
+        with Session(self.engine) as session:
+            return {name: (source, sha) for name, source, sha in session.exec(query)}
 
     def _documents(self, transport: str, guild_id: str, channel_id: str) -> list[tuple[str, int, datetime]]:
         query = text(
@@ -458,6 +480,10 @@ def _rows(conn: Connection, sql: str, ids: set[int]) -> list[Any]:
         return []
     query = text(sql).bindparams(bindparam("ids", expanding=True)).columns(created_at=UTCDateTime())
     return list(conn.execute(query, {"ids": sorted(ids)}))
+
+
+def content_hash(body: str) -> str:
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 def chunk_rows(doc_id: int, passages: Sequence[Passage]) -> list[KnowledgeChunk]:

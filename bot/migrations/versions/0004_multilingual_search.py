@@ -5,7 +5,8 @@ PostgreSQL `to_tsvector('english', ...)`), which leave Chinese unsegmented. From
 search terms are made in Python (bot/textindex.py) and stored in a `terms` column, and both
 databases index that column alone. This revision:
 
-- adds `message.terms`, `knowledge_chunk.terms` and `knowledge_chunk.heading`;
+- adds `message.terms`, `knowledge_chunk.terms`, `knowledge_chunk.heading`, and
+  `knowledge_doc.source` / `sha256` (for `quill kb import`);
 - cuts every existing document again into heading-aware passages (its text is the old passages
   joined in order, so nothing is lost) and fills in the terms of every message;
 - adds `chunk_vector` and `message_vector` (embeddings, with the embedder that made each; filled
@@ -119,6 +120,8 @@ def upgrade() -> None:
     op.add_column("message", sa.Column("terms", sa.Text(), server_default="", nullable=False))
     op.add_column("knowledge_chunk", sa.Column("terms", sa.Text(), server_default="", nullable=False))
     op.add_column("knowledge_chunk", sa.Column("heading", sa.String(length=200), server_default="", nullable=False))
+    op.add_column("knowledge_doc", sa.Column("source", sa.String(length=500), server_default="", nullable=False))
+    op.add_column("knowledge_doc", sa.Column("sha256", sa.String(length=64), server_default="", nullable=False))
     for table, key, parent in (
         ("chunk_vector", "chunk_id", "knowledge_chunk"),
         ("message_vector", "message_id", "message"),
@@ -143,6 +146,8 @@ def downgrade() -> None:
     _drop_indexes(dialect)
     op.drop_table("message_vector")
     op.drop_table("chunk_vector")
+    op.drop_column("knowledge_doc", "sha256")
+    op.drop_column("knowledge_doc", "source")
     op.drop_column("knowledge_chunk", "heading")
     op.drop_column("knowledge_chunk", "terms")
     op.drop_column("message", "terms")
