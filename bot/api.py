@@ -76,6 +76,9 @@ class Request:
     options: Mapping[str, str] = field(default_factory=dict)
     # The text of the message this one replies to, where the transport knows it ("" otherwise).
     quoted: str = ""
+    # Text files attached together (file name, text), where the transport passes several apart
+    # rather than as one text (/kb-add makes a document of each).
+    attachments: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

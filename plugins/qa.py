@@ -91,12 +91,34 @@ def _place(request: Request) -> tuple[str, str, str]:
 
 async def kb_add(ctx: PluginContext, request: Request) -> Reply:
     name = request.options.get("name", "").strip()
+    if request.attachments:
+        return await _add_files(ctx, request, name)
     if not request.text:
         return Reply("Usage: " + ADD_USAGE, failed=True)
     if len(name) > NAME_CHARS:
         return Reply(f"A document name is at most {NAME_CHARS} characters.", failed=True)
     count = await ctx.search.add_document(*_place(request), name, request.text, added_by=request.author_id)
     return Reply(f"Added “{name}” to the knowledge base ({_passages(count)}).")
+
+
+async def _add_files(ctx: PluginContext, request: Request, name: str) -> Reply:
+    """Several attached files at once: each a document named `<name>/<file name>`; a file that
+    is empty or too long is named with the reason, and the others are added."""
+    lines, failed = [], False
+    for filename, body in request.attachments:
+        doc = f"{name}/{filename}"[-NAME_CHARS:]
+        if not body.strip() or len(body) > ctx.settings.max_document_chars:
+            why = (
+                "it is empty"
+                if not body.strip()
+                else f"over QUILL_MAX_DOCUMENT_CHARS ({ctx.settings.max_document_chars})"
+            )
+            lines.append(f"- {filename}: not added, {why}")
+            failed = True
+            continue
+        count = await ctx.search.add_document(*_place(request), doc, body, added_by=request.author_id)
+        lines.append(f"- “{doc}” ({_passages(count)})")
+    return Reply("Knowledge base:\n" + "\n".join(lines), failed=failed)
 
 
 async def kb_list(ctx: PluginContext, request: Request) -> Reply:
