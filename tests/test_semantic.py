@@ -69,6 +69,7 @@ async def all_embedded(app: Quill, model: str = "") -> bool:
 
 async def test_a_paraphrase_is_found_only_with_embeddings(app: Quill, semantic_app: Quill) -> None:
     """`app` and `semantic_app` share one database; only the second has an embedder."""
+    assert app.context.semantic is None and semantic_app.context.semantic is not None
     await say(semantic_app, f"/kb-add name:faq {FAQ}")
     assert await say(app, f"/ask {PARAPHRASE}") == NOTHING_FOUND  # lexical: no shared word
     await until(lambda: all_embedded(semantic_app), "the passages' vectors")
