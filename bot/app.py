@@ -41,19 +41,22 @@ class Quill:
 
     @classmethod
     async def start(cls, settings: Settings, engine: Engine | None = None) -> Quill:
-        """Open the database, then start the engine backend; each fails with one clear message."""
+        """Open the database, the embedder (when on), then the engine backend; each fails with one
+        clear message."""
         memory = await asyncio.to_thread(Memory.open, settings.db_url)
-        if engine is None:
-            try:
-                engine = await start_engine(settings)
-            except BaseException:
-                memory.close()
-                raise
         try:
             semantic = await start_semantic(settings) if settings.embeddings else None
         except BaseException:
             memory.close()
             raise
+        if engine is None:
+            try:
+                engine = await start_engine(settings)
+            except BaseException:
+                memory.close()
+                if semantic is not None:
+                    await asyncio.to_thread(semantic.embedder.close)
+                raise
         quill = cls(settings, engine, memory, semantic)
         if semantic is not None:  # new rows, and all of them after a change of embedder
             quill._embedding = asyncio.create_task(quill.context.search.keep_embedded(), name="quill-embedding")
@@ -82,7 +85,7 @@ async def start_semantic(settings: Settings) -> Semantic:
         path = await asyncio.to_thread(Embedder.resolve_path, settings.embedding_model_path, settings.data_dir)
         embedder = Embedder(path, settings.n_threads)
         await embedder.start()
-    except (EmbedderError, OSError) as exc:
+    except (EmbedderError, OSError, ImportError) as exc:  # ImportError: the semantic extra is missing
         raise ModelLoadError(f"semantic search (QUILL_EMBEDDINGS) is on, but {exc}") from exc
     log.info("embedder: %s (%d dimensions)", embedder.model_id, embedder.dim)
     return Semantic(embedder, settings.embedding_weights, settings.embedding_min_similarity, settings.qa_min_relevance)

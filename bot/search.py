@@ -5,9 +5,10 @@ stop words per language) and stored beside it; the database indexes only those t
 SQLite, a 'simple' tsvector GIN index on PostgreSQL, both made by migration 0004) and returns
 candidates. The final ranking and the relevance of each hit are computed here, from the same
 figures on both databases: BM25 for the order, and for relevance the share of the question's
-weight (each term weighed by its IDF) that the passage contains. A hit whose relevance is under
-the caller's floor (QUILL_QA_MIN_RELEVANCE, chosen with `bench/retrieval.py`) is dropped, so a
-question that shares one generic word with the documents finds nothing.
+weight (each term weighed by its IDF) that the passage contains. With an embedder (bot/embedder.py)
+the nearest vectors join the candidates and a hit's relevance is the larger of its lexical and
+its weighted semantic one. A question whose best hit is under the floor (QUILL_QA_MIN_RELEVANCE,
+chosen with `bench/retrieval.py`) finds nothing, so one generic shared word is not a match.
 """
 
 from __future__ import annotations

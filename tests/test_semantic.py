@@ -128,3 +128,17 @@ async def test_forget_me_also_erases_the_vectors_of_my_messages(semantic_app: Qu
     ids = count(semantic_app, "SELECT COUNT(*) FROM message_vector WHERE message_id = " + str(mine.id))
     assert await ids() == 0
     assert await count(semantic_app, f"SELECT COUNT(*) FROM message_vector WHERE message_id = {theirs.id}")() == 1
+
+
+async def test_a_bad_embedder_file_fails_start_up_with_one_clear_message(
+    settings: Settings, engine: LocalEngine, tmp_path: Path
+) -> None:
+    from bot.engine import ModelLoadError
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a model")
+    settings.embeddings = True
+    for path, says in ((tmp_path / "missing.gguf", "is not a file"), (garbage, "cannot load the embedder")):
+        settings.embedding_model_path = path
+        with pytest.raises(ModelLoadError, match=says):
+            await Quill.start(settings, engine=engine)
