@@ -175,9 +175,11 @@ def _score(q_terms: Sequence[str], rows: Sequence[Any], df: dict[str, int], n: i
 
 
 def best_quote(passage: str, q_terms: Sequence[str]) -> str:
-    """The sentence of `passage` holding most of the question's terms, at most QUOTE_CHARS."""
+    """The sentence of `passage` (headings aside) holding most of the question's terms, at most
+    QUOTE_CHARS."""
     wanted = set(q_terms)
-    sentences = [s.strip(" #\t") for s in _SENTENCE.findall(passage) if s.strip(" #\t")]
+    body = "\n".join(line for line in passage.split("\n") if not _HEADING.match(line.strip()))  # cited apart
+    sentences = [s.strip(" \t") for s in _SENTENCE.findall(body) if s.strip(" \t")]
     if not sentences:
         return ""
     best = max(sentences, key=lambda s: len(wanted & set(terms(s))))
