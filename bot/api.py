@@ -26,7 +26,7 @@ from bot.engine import (
 from bot.hookspecs import hookimpl
 from bot.memory import Memory
 from bot.prompts import PromptLoader
-from bot.search import Hit, Search
+from bot.search import Hit, Search, Semantic
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
@@ -79,6 +79,9 @@ class Request:
     options: Mapping[str, str | int] = field(default_factory=dict)
     # The text of the message this one replies to, where the transport knows it ("" otherwise).
     quoted: str = ""
+    # Text files attached together (file name, text), where the transport passes several apart
+    # rather than as one text (/kb-add makes a document of each).
+    attachments: tuple[tuple[str, str], ...] = ()
     # Who counts as an admin on this transport, said when an admin command is refused.
     admin_hint: str = ""
 
@@ -247,11 +250,13 @@ class PluginContext:
     # Every plugin's `digest_sections` for a place since a time, each one guarded (a failing
     # plugin is left out), unlike a plain `hooks.digest_sections(...)` call; set by the core.
     digest_sections: Callable[[Place, datetime], Awaitable[list[Section]]] | None = None
+    # The embedder and its fusion settings where QUILL_EMBEDDINGS is on (bot/embedder.py).
+    semantic: Semantic | None = None
 
     @cached_property
     def search(self) -> Search:
-        """The knowledge base and full-text search over it and past messages (bot/search.py)."""
-        return Search(self.memory.engine)
+        """The knowledge base and search over it and past messages (bot/search.py)."""
+        return Search(self.memory.engine, self.semantic)
 
     def progress(self) -> None:
         """Say the request being handled is still moving (a summary's next part is done): its

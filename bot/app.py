@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 
 from bot import finetune, privacy
 from bot.api import PluginContext
 from bot.config import Settings
-from bot.engine import Engine, start_engine
+from bot.embedder import Embedder, EmbedderError
+from bot.engine import Engine, ModelLoadError, start_engine
 from bot.memory import Memory
 from bot.plugins import make_plugin_manager
 from bot.prompts import PromptLoader
 from bot.router import Router
 from bot.scheduler import Scheduler
+from bot.search import Semantic
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +25,14 @@ log = logging.getLogger(__name__)
 class Quill:
     """The running bot, shared by every transport."""
 
-    def __init__(self, settings: Settings, engine: Engine, memory: Memory) -> None:
+    def __init__(self, settings: Settings, engine: Engine, memory: Memory, semantic: Semantic | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.memory = memory
         self.plugins = make_plugin_manager()
         prompts = PromptLoader(settings.prompts_dir)
-        self.context = PluginContext(engine, memory, settings, prompts, hooks=self.plugins.hook)
+        self.context = PluginContext(engine, memory, settings, prompts, hooks=self.plugins.hook, semantic=semantic)
+        self._embedding: asyncio.Task[None] | None = None
         self.router = Router(self.context, self.plugins)
         self.scheduler = Scheduler(settings, memory.engine, self.router.run_text)
         self.context.scheduler = self.scheduler
@@ -37,15 +41,25 @@ class Quill:
 
     @classmethod
     async def start(cls, settings: Settings, engine: Engine | None = None) -> Quill:
-        """Open the database, then start the engine backend; each fails with one clear message."""
+        """Open the database, the embedder (when on), then the engine backend; each fails with one
+        clear message."""
         memory = await asyncio.to_thread(Memory.open, settings.db_url)
+        try:
+            semantic = await start_semantic(settings) if settings.embeddings else None
+        except BaseException:
+            memory.close()
+            raise
         if engine is None:
             try:
                 engine = await start_engine(settings)
             except BaseException:
                 memory.close()
+                if semantic is not None:
+                    await asyncio.to_thread(semantic.embedder.close)
                 raise
-        quill = cls(settings, engine, memory)
+        quill = cls(settings, engine, memory, semantic)
+        if semantic is not None:  # new rows, and all of them after a change of embedder
+            quill._embedding = asyncio.create_task(quill.context.search.keep_embedded(), name="quill-embedding")
         quill.scheduler.open()  # paused: jobs can be managed; transports call run_jobs()
         retention = functools.partial(privacy.apply_retention, quill.context)
         quill.scheduler.add_maintenance("quill-retention", settings.retention_when, retention)
@@ -53,7 +67,25 @@ class Quill:
         return quill
 
     async def close(self, *, close_engine: bool = True) -> None:
+        if self._embedding is not None:
+            self._embedding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._embedding
+        if self.context.semantic is not None:
+            await asyncio.to_thread(self.context.semantic.embedder.close)
         await self.scheduler.close()
         if close_engine:
             await self.engine.close()
         self.memory.close()
+
+
+async def start_semantic(settings: Settings) -> Semantic:
+    """The embedder (its GGUF built into the data folder on first use) and the fusion settings."""
+    try:
+        path = await asyncio.to_thread(Embedder.resolve_path, settings.embedding_model_path, settings.data_dir)
+        embedder = Embedder(path, settings.n_threads)
+        await embedder.start()
+    except (EmbedderError, OSError, ImportError) as exc:  # ImportError: the semantic extra is missing
+        raise ModelLoadError(f"semantic search (QUILL_EMBEDDINGS) is on, but {exc}") from exc
+    log.info("embedder: %s (%d dimensions)", embedder.model_id, embedder.dim)
+    return Semantic(embedder, settings.embedding_weights, settings.embedding_min_similarity, settings.qa_min_relevance)

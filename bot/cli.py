@@ -6,22 +6,28 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bot.app import Quill
 from bot.config import Settings
 from bot.engine import ModelLoadError
+from bot.kb_import import collect, import_paths
 from bot.memory import Memory, StorageError, write_revision
 from bot.scheduler import ScheduleError
+from bot.search import Search
 from bot.transports.console import ConsoleTransport
 from bot.transports.discord import DiscordStartError, run_discord
 
 app = typer.Typer(help="quill: a self-hosted chat and writing assistant on a local model.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema upkeep.")
 app.add_typer(db_app, name="db")
+kb_app = typer.Typer(help="Knowledge base upkeep.")
+app.add_typer(kb_app, name="kb")
 
 T = TypeVar("T")
 Channel = Annotated[str, typer.Option(help="Conversation name; each keeps its own memory.")]
@@ -137,6 +143,52 @@ def db_upgrade() -> None:
 def db_revision(message: Annotated[str, typer.Option("-m", "--message", help="What changed.")]) -> None:
     """For developers: write a migration for what changed in bot/models.py (review it before committing)."""
     write_revision(message)
+
+
+@kb_app.command("import")
+def kb_import(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders (.md .txt .rst .html .pdf).")],
+    prune: Annotated[bool, typer.Option(help="Remove documents whose files are gone from these folders.")] = False,
+    transport: Annotated[str, typer.Option(help="Whose knowledge base: console or discord.")] = "console",
+    guild: Annotated[str, typer.Option(help="The Discord server (guild) id, for --transport discord.")] = "",
+    channel: Annotated[
+        str, typer.Option(help="The channel, outside a guild (the console's conversation).")
+    ] = "console",
+) -> None:
+    """Import a docs folder into the knowledge base; run again to sync (unchanged files are skipped)."""
+    settings = load_settings()
+    try:
+        memory = Memory.open(settings.db_url)
+    except StorageError as exc:
+        typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
+        task = bar.add_task("reading", total=None)
+
+        def step(name: str) -> None:
+            bar.update(task, advance=1, description=name[-40:])
+
+        files = collect([p.resolve() for p in paths], [])
+        bar.update(task, total=len(files))
+        try:
+            report = asyncio.run(
+                import_paths(Search(memory.engine), (transport, guild, channel), paths, prune=prune, progress=step)
+            )
+        except StorageError as exc:
+            typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        finally:
+            memory.close()
+    typer.echo(
+        f"knowledge base: {len(report.added)} added, {len(report.updated)} updated, "
+        f"{len(report.unchanged)} unchanged, {len(report.removed)} removed"
+    )
+    for path, reason in report.failed:
+        typer.secho(f"not imported: {path}: {reason}", fg=typer.colors.RED, err=True)
+    if report.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -116,6 +116,19 @@ class Settings(BaseSettings):
     # Q&A: most sources cited per answer, and the tokens of retrieved text put in its prompt.
     qa_max_sources: int = Field(default=4, ge=1, le=20)
     qa_source_tokens: int = Field(default=768, ge=64)
+    # Q&A: the least relevance (0..1, the IDF-weighted share of the question found in a passage)
+    # a hit needs; below it the answer is "nothing found" and the model is not asked. Chosen with
+    # bench/retrieval.py on the shipped evaluation set.
+    qa_min_relevance: float = Field(default=0.4, ge=0.0, le=1.0)
+    # Semantic search (bot/embedder.py): off by default; on, the packaged all-MiniLM-L6-v2 (English)
+    # is turned into a GGUF in the data folder at first use, or QUILL_EMBEDDING_MODEL_PATH is used.
+    embeddings: bool = False
+    embedding_model_path: Path | None = None
+    # Weight of the semantic score per question language ("zh": CJK script, else "en"); MiniLM knows
+    # English only, so Chinese questions stay lexical unless a multilingual embedder is set.
+    embedding_weights: dict[str, float] = Field(default_factory=lambda: {"en": 1.0, "zh": 0.0})
+    # The cosine similarity that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically.
+    embedding_min_similarity: float = Field(default=0.45, gt=0.0, le=1.0)
     # Summarizer: messages read when no count is given, the most it reads, tokens of messages
     # per map step, tokens of each intermediate note, list items per section of the result.
     summarize_default_messages: int = Field(default=200, ge=1, le=100_000)

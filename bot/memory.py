@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from bot.models import Conversation, Message, ScopeSetting, utcnow
+from bot.textindex import index_text
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ class Memory:
             author_name=author_name,
             token_count=token_count,
             external_id=external_id,
+            terms=index_text(content),
         )
         with Session(self.engine, expire_on_commit=False) as session:
             session.add(msg)
@@ -343,7 +345,7 @@ class Memory:
             query = (
                 update(Message)
                 .where(Message.external_id == external_id)
-                .values(content=content, token_count=token_count)
+                .values(content=content, token_count=token_count, terms=index_text(content))
             )
             return conn.execute(query).rowcount
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, DateTime, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import Column, DateTime, LargeBinary, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -72,6 +72,8 @@ class Message(SQLModel, table=True):
     content: str = Field(sa_column=Column(Text, nullable=False))
     token_count: int = 0
     created_at: datetime = _timestamp(index=True)
+    # The content's search terms (bot/textindex.py), which the full-text index reads.
+    terms: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
 
 
 class ScopeSetting(SQLModel, table=True):
@@ -141,10 +143,14 @@ class KnowledgeDoc(SQLModel, table=True):
     name: str = Field(max_length=100)
     added_by: str = Field(default="", max_length=64, sa_column_kwargs={"info": PERSONAL_ANONYMIZE})
     created_at: datetime = _timestamp()
+    # Where `quill kb import` read it (the file's absolute path; "" when added by a message), and
+    # the sha256 of its text: an unchanged file is skipped, a vanished one pruned.
+    source: str = Field(default="", max_length=500, sa_column_kwargs={"server_default": ""})
+    sha256: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
 
 
 class KnowledgeChunk(SQLModel, table=True):
-    """A passage of a document: the unit that full-text search finds and Q&A cites."""
+    """A passage of a document: the unit that search finds and Q&A cites (with its heading)."""
 
     __tablename__ = "knowledge_chunk"
 
@@ -152,3 +158,27 @@ class KnowledgeChunk(SQLModel, table=True):
     doc_id: int = Field(foreign_key="knowledge_doc.id", index=True, ondelete="CASCADE")
     position: int = 0
     content: str = Field(sa_column=Column(Text, nullable=False))
+    # The nearest Markdown heading at or above the passage's start ("" before any heading).
+    heading: str = Field(default="", max_length=200, sa_column_kwargs={"server_default": ""})
+    # The content's search terms (bot/textindex.py), which the full-text index reads.
+    terms: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+
+
+class ChunkVector(SQLModel, table=True):
+    """A passage's embedding (float32, unit length) and the embedder that made it."""
+
+    __tablename__ = "chunk_vector"
+
+    chunk_id: int = Field(foreign_key="knowledge_chunk.id", primary_key=True, ondelete="CASCADE")
+    model: str = Field(max_length=100, index=True)
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class MessageVector(SQLModel, table=True):
+    """A message's embedding; erased with the message (forget, retention, a deletion)."""
+
+    __tablename__ = "message_vector"
+
+    message_id: int = Field(foreign_key="message.id", primary_key=True, ondelete="CASCADE")
+    model: str = Field(max_length=100, index=True)
+    vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

@@ -1,17 +1,20 @@
 """Q&A / help desk: answers from the team's own material (knowledge base, past messages), with
 its sources cited.
 
-Retrieval is full-text search in the database (`ctx.search`); whether anything relevant exists
-is decided by the search, not by the model: with no hit, the answer says so and the model is
-never asked. The answer is a turn of the place's conversation (`ctx.converse`), so follow-up
-questions keep their memory; the list of sources is appended after it, not stored.
+Retrieval is multilingual search in the database (`ctx.search`); whether anything relevant
+exists is decided by the search's relevance floor (QUILL_QA_MIN_RELEVANCE), not by the model:
+with no hit above it, the answer says so and the model is never asked. The answer is a turn of
+the place's conversation (`ctx.converse`), so follow-up questions keep their memory; the list
+of sources (document, section, a short quote; or a message with its link) is appended after
+it, not stored.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 
-from bot.api import Command, Hit, Option, PluginContext, Reply, Request, hookimpl
+from bot.api import Command, Hit, Option, Place, PluginContext, Reply, Request, Section, hookimpl
 
 NAME_CHARS = 100
 NOTHING_FOUND = (
@@ -25,7 +28,7 @@ def source_label(hit: Hit, transport: str, guild_id: str) -> str:
     """How a source is named in the prompt and under the answer: a document's name, or a
     message's author, date and id (a link on Discord)."""
     if hit.kind == "doc":
-        return f"document “{hit.name}”"
+        return f"document “{hit.name}”" + (f" › {hit.heading}" if hit.heading and hit.heading != hit.name else "")
     when = f" on {hit.created_at:%Y-%m-%d}" if hit.created_at else ""
     where = f"message {hit.message_id}"
     if transport == "discord" and guild_id and not hit.message_id.startswith("#"):
@@ -50,7 +53,12 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
     if not request.text:
         return Reply("Usage: /ask <question>: answered from the knowledge base and past messages.", failed=True)
     hits = await ctx.search.search(
-        request.text, request.transport, request.guild_id, request.channel_id, ctx.settings.qa_max_sources
+        request.text,
+        request.transport,
+        request.guild_id,
+        request.channel_id,
+        ctx.settings.qa_max_sources,
+        min_relevance=ctx.settings.qa_min_relevance,
     )
     if not hits:
         return Reply(NOTHING_FOUND)
@@ -63,7 +71,10 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
     system = ctx.prompts.render("qa_system", bot_name=ctx.settings.bot_name, sources=sources)
     reply = await ctx.converse(request, system)
     assert reply.stream is not None
-    footer = "\n\nSources:\n" + "\n".join(f"[{i}] {label}" for i, label in enumerate(labels, 1))
+    footer = "\n\nSources:\n" + "\n".join(
+        f"[{i}] {label}" + (f": “{hit.quote}”" if hit.quote else "")
+        for i, (label, hit) in enumerate(zip(labels, hits, strict=True), 1)
+    )
     reply.stream = _then(reply.stream, footer)
     return reply
 
@@ -80,10 +91,32 @@ def _place(request: Request) -> tuple[str, str, str]:
 
 async def kb_add(ctx: PluginContext, request: Request) -> Reply:
     name = str(request.options["name"])
+    if request.attachments:
+        return await _add_files(ctx, request, name)
     if not request.text:
         return Reply("Usage: " + ADD_USAGE, failed=True)
     count = await ctx.search.add_document(*_place(request), name, request.text, added_by=request.author_id)
     return Reply(f"Added “{name}” to the knowledge base ({_passages(count)}).")
+
+
+async def _add_files(ctx: PluginContext, request: Request, name: str) -> Reply:
+    """Several attached files at once: each a document named `<name>/<file name>`; a file that
+    is empty or too long is named with the reason, and the others are added."""
+    lines, failed = [], False
+    for filename, body in request.attachments:
+        doc = f"{name}/{filename}"[-NAME_CHARS:]
+        if not body.strip() or len(body) > ctx.settings.max_document_chars:
+            why = (
+                "it is empty"
+                if not body.strip()
+                else f"over QUILL_MAX_DOCUMENT_CHARS ({ctx.settings.max_document_chars})"
+            )
+            lines.append(f"- {filename}: not added, {why}")
+            failed = True
+            continue
+        count = await ctx.search.add_document(*_place(request), doc, body, added_by=request.author_id)
+        lines.append(f"- “{doc}” ({_passages(count)})")
+    return Reply("Knowledge base:\n" + "\n".join(lines), failed=failed)
 
 
 async def kb_list(ctx: PluginContext, request: Request) -> Reply:
@@ -104,6 +137,16 @@ async def kb_remove(ctx: PluginContext, request: Request) -> Reply:
 
 def _passages(count: int) -> str:
     return f"{count} passage{'s' * (count != 1)}"
+
+
+@hookimpl
+async def digest_sections(context: PluginContext, place: Place, since: datetime) -> Section | None:
+    """The knowledge-base documents added (or replaced) in the place's guild since `since`."""
+    docs = await context.search.documents_since(place.transport, place.guild_id, place.channel_id, since)
+    if not docs:
+        return None
+    lines = [f"- {name} ({_passages(count)}), {added:%Y-%m-%d}" for name, count, added in docs]
+    return Section("New in the knowledge base", "\n".join(lines))
 
 
 @hookimpl

@@ -665,3 +665,24 @@ async def test_forget_channel_by_a_member_is_refused_privately_and_by_mention_na
     await post(general, bob, f"{bot.user.mention} /kb-add name:notes some text")
     [refusal] = await bot_messages(bot, general)
     assert "/kb-add is for admins only" in refusal.content and "Manage Server" in refusal.content
+
+
+async def test_several_files_attached_to_kb_add_become_one_document_each(
+    bot: QuillClient, app: Quill, tmp_path: Any
+) -> None:
+    app.settings.admin_ids = [str(member("ada").id)]
+    (tmp_path / "vpn.md").write_text("# VPN\n\nThe WireGuard key rotates every ninety days.\n")
+    (tmp_path / "值班.txt").write_text("值班每班一周，结束后可以调休一天。", encoding="utf-8")
+    (tmp_path / "empty.md").write_text("  \n")
+    general = channel("general")
+    files = [str(tmp_path / n) for n in ("vpn.md", "值班.txt", "empty.md")]
+    await dpytest.message(
+        f"{bot.user.mention} /kb-add name:handbook", channel=general, member=member("ada"), attachments=files
+    )
+    await dpytest.run_all_events()
+    [answer] = await bot_messages(bot, general)
+    assert "“handbook/vpn.md” (1 passage)" in answer.content and "“handbook/值班.txt”" in answer.content
+    assert "empty.md: not added, it is empty" in answer.content
+    where = ("discord", str(general.guild.id), str(general.id))
+    (hit,) = await app.context.search.search("值班结束后能休息吗？", *where, 4, min_relevance=0.4)
+    assert hit.name == "handbook/值班.txt"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from sqlalchemy import text
 
 from bot.api import Request
 from bot.app import Quill
-from bot.search import query_terms, split_passages
+from bot.search import split_passages
+from bot.textindex import query_terms
 from plugins.qa import NOTHING_FOUND
 from tests.test_router import read
 
@@ -15,6 +19,11 @@ GUIDE = """# Deploying
 Staging deploys run from the orange pipeline button in Jenkins.
 
 Production deploys need two approvals and happen on Tuesdays only."""
+
+
+ML_NOTES = (Path(__file__).parent.parent / "bench" / "data" / "retrieval" / "机器学习笔记.md").read_text(
+    encoding="utf-8"
+)
 
 
 def request(text: str, **fields: object) -> Request:
@@ -42,14 +51,16 @@ async def store_message(app: Quill, channel: str, text: str, message_id: str, gu
     )
 
 
-def test_query_terms_drop_common_words() -> None:
-    assert query_terms("How do I deploy to STAGING? deploy!") == ["deploy", "staging"]
-    assert query_terms("what is it?") == []
+def test_query_terms_stem_segment_chinese_and_drop_stop_words_per_language() -> None:
+    assert query_terms("How do I deploy to STAGING? deploys!") == ["deploy", "stage"]
+    assert query_terms("what is it?") == query_terms("这是什么？") == []
+    assert query_terms("什么是遗忘门？") == ["遗忘", "门"]
+    assert query_terms("Adam优化器") == ["adam", "优化", "器"]  # a Latin word run into Chinese is split off
 
 
 def test_passages_are_cut_at_boundaries_and_keep_everything() -> None:
     body = "\n\n".join(f"Paragraph {i} " + "word " * 60 for i in range(20))
-    passages = split_passages(body, max_chars=500)
+    passages = [p.text for p in split_passages(body, max_chars=500)]
     assert all(len(p) <= 500 for p in passages)
     assert " ".join(" ".join(passages).split()) == " ".join(body.split())
     assert all(p.startswith("Paragraph") for p in passages)
@@ -82,13 +93,14 @@ async def test_kb_add_list_remove_and_admin_only(app: Quill) -> None:
 
 async def test_answer_cites_documents_and_messages_from_the_store(app: Quill) -> None:
     await say(app, f"/kb-add name:deploy-guide {GUIDE}")
-    await store_message(app, "random", "The staging VPN password rotates every Monday.", "m-771")
+    await store_message(app, "random", "To deploy to staging, connect the VPN first.", "m-771")
     await store_message(app, "random", "Lunch is at noon.", "m-772")
     answer = await say(app, "/ask how do I deploy to staging?")
     body, _, sources = answer.partition("\n\nSources:\n")
-    assert sources.splitlines() == [
-        "[1] document “deploy-guide”",
-        f"[2] Ada on {_today()}, https://discord.com/channels/g1/random/m-771",
+    assert sources.splitlines() == [  # document, section and quote; a message keeps its jump link
+        "[1] document “deploy-guide” › Deploying: “Staging deploys run from the orange pipeline button in Jenkins.”",
+        f"[2] Ada on {_today()}, https://discord.com/channels/g1/random/m-771: "
+        "“To deploy to staging, connect the VPN first.”",
     ]
     # The answer is a conversation turn; the sources list is shown, not stored.
     conv = await app.memory.conversation("discord", "g1", "help")
@@ -98,11 +110,15 @@ async def test_answer_cites_documents_and_messages_from_the_store(app: Quill) ->
     assert stored[1].content == body.strip()
 
 
-async def test_nothing_found_says_so_without_asking_the_model(app: Quill) -> None:
+async def test_off_topic_gets_nothing_found_without_asking_the_model(app: Quill) -> None:
     await say(app, f"/kb-add name:deploy-guide {GUIDE}")
-    assert await say(app, "/ask what is the airspeed of a swallow?") == NOTHING_FOUND
+    await say(app, f"/kb-add name:ml {ML_NOTES}")
+    await say(app, "/kb-add name:rnn Long Short-Term Memory networks keep a cell state across long sequences.")
+    # Each shares a word with the documents ("long", "网络"), which used to count as found.
+    for question in ("How long is the lunch break?", "what is the airspeed of a swallow?", "附近有什么网络游戏？"):
+        assert await say(app, f"/ask {question}") == NOTHING_FOUND, question
     conv = await app.memory.conversation("discord", "g1", "help")
-    assert await app.memory.history(conv.id, 10_000) == []
+    assert await app.memory.history(conv.id, 10_000) == []  # converse never ran: no turn stored
     usage = await app.router.handle(request("/ask"))
     assert usage.failed and "Usage: /ask" in usage.text
 
@@ -142,3 +158,103 @@ def _today() -> str:
     from datetime import UTC, datetime
 
     return f"{datetime.now(UTC):%Y-%m-%d}"
+
+
+def test_passages_keep_each_heading_with_its_text_and_know_their_section() -> None:
+    body = (
+        "# Guide\n\nIntro.\n\n## Setup\n\n"
+        + "Install the tools. " * 40
+        + "\n\n## Deploy\n\n### Staging\n\nPress the button."
+    )
+    passages = split_passages(body, max_chars=300)
+    for p in passages:
+        last = p.text.rstrip().split("\n")[-1]
+        assert not last.startswith("#"), p.text  # no passage ends on a heading cut off from its text
+    assert passages[0].heading == "Guide"
+    assert {p.heading for p in passages if "Install" in p.text} == {"Setup"}
+    assert passages[-1].heading == "Staging" and passages[-1].text.startswith("## Deploy\n\n### Staging")
+    assert sum(p.text.count("Install") for p in passages) == 40  # nothing lost
+
+
+async def test_a_chinese_question_finds_its_chinese_passage(app: Quill) -> None:
+    assert "Added “ml”" in await say(app, f"/kb-add name:ml {ML_NOTES}")
+    search = app.context.search
+    hits = await search.search("什么是长短期记忆网络的遗忘门？", "discord", "g1", "help", 4, min_relevance=0.4)
+    (gate,) = [h for h in hits if h.heading == "遗忘门（Forget Gate）"]
+    assert gate.quote.startswith("遗忘门读取上一时刻的隐藏状态")  # a sentence of its text, not the heading
+    # A Latin word run into Chinese text ("Adam优化器") is a term of its own.
+    (best, *_) = await search.search("adam的默认学习率", "discord", "g1", "help", 4, min_relevance=0.4)
+    assert best.heading == "Adam优化器"
+    await store_message(app, "random", "部署脚本在运维仓库里，发布前先跑测试。", "m-9")
+    hits = await search.search("部署脚本放在哪里？", "discord", "g1", "help", 4, min_relevance=0.4)
+    assert [h.message_id for h in hits if h.kind == "message"] == ["m-9"]
+
+
+async def test_the_digest_lists_documents_added_since_the_last_one(app: Quill) -> None:
+    from bot.api import Place
+
+    before = _now()
+    await say(app, f"/kb-add name:deploy-guide {GUIDE}")
+    assert app.context.digest_sections is not None
+    sections = await app.context.digest_sections(Place("discord", "g1", "help"), before)
+    (kb,) = [s for s in sections if s.title == "New in the knowledge base"]
+    assert kb.body == f"- deploy-guide (1 passage), {_today()}"
+    later = await app.context.digest_sections(Place("discord", "g1", "help"), _now())
+    assert not [s for s in later if s.title == "New in the knowledge base"]
+
+
+def _now():  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def test_upgrade_reindexes_existing_documents_and_messages_in_place(db_url: str) -> None:
+    """A database made before migration 0004 (unsegmented indexes) keeps every document and
+    message, and its Chinese text becomes findable."""
+    from bot.memory import make_db_engine, upgrade_schema
+    from bot.search import Search
+
+    engine = make_db_engine(db_url)
+    upgrade_schema(engine, "0003_finetune")
+    old_passages = [
+        "# 手册\n\n## 遗忘门（Forget Gate）\n\n遗忘门决定丢弃哪些旧信息。",
+        "## 发布\n\n正式环境只在周二发布。",
+    ]
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO conversation (transport, guild_id, channel_id, created_at) "
+                "VALUES ('discord', 'g1', 'c1', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO message (conversation_id, external_id, author_id, author_name, role, content, "
+                "token_count, created_at) VALUES (1, 'm1', 'u1', 'Ada', 'user', "
+                "'部署脚本在运维仓库里', 3, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO knowledge_doc (transport, guild_id, channel_id, name, added_by, created_at) "
+                "VALUES ('discord', 'g1', '', 'notes', 'u1', CURRENT_TIMESTAMP)"
+            )
+        )
+        for i, passage in enumerate(old_passages):
+            conn.execute(
+                text("INSERT INTO knowledge_chunk (doc_id, position, content) VALUES (1, :p, :c)"),
+                {"p": i, "c": passage},
+            )
+    upgrade_schema(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM message")).scalar_one() == 1
+        rows = conn.execute(text("SELECT content, heading FROM knowledge_chunk ORDER BY position")).all()
+    assert "\n\n".join(r.content for r in rows) == "\n\n".join(old_passages)
+    assert [r.heading for r in rows] == ["遗忘门（Forget Gate）", "发布"]
+    search = Search(engine)
+    (hit,) = asyncio.run(search.search("什么是遗忘门？", "discord", "g1", "c1", 4, min_relevance=0.4))
+    assert hit.name == "notes" and hit.heading == "遗忘门（Forget Gate）"
+    (hit,) = asyncio.run(search.search("部署脚本放在哪里？", "discord", "g1", "c1", 4, min_relevance=0.4))
+    assert hit.message_id == "m1"
+    engine.dispose()

@@ -355,7 +355,7 @@ class QuillClientMixin:
         """Run the request through the router and post the reply (in a new thread for a help
         question; as a reply to the message elsewhere)."""
         request = await self._with_attached_text(message, request)
-        if not request.text and message.attachments:
+        if not request.text and not request.attachments and message.attachments:
             names = ", ".join(a.filename for a in message.attachments)
             await self._deliver(
                 Reply(
@@ -390,10 +390,12 @@ class QuillClientMixin:
             except discord.HTTPException as exc:
                 log.warning("could not read attachment %s: %s", attachment.filename, exc)
                 continue
-            texts.append(data.decode("utf-8", errors="replace"))
+            texts.append((attachment.filename, data.decode("utf-8", errors="replace")))
         if not texts:
             return request
-        return replace(request, text="\n\n".join([request.text, *texts]).strip())
+        if len(texts) > 1:  # several files: each its own document (/kb-add), not one text
+            return replace(request, attachments=tuple(texts))
+        return replace(request, text="\n\n".join([request.text, texts[0][1]]).strip())
 
     async def _open_thread(self, message: discord.Message, text: str) -> discord.Thread | None:
         """The thread that holds a help question's conversation; None (answer in the channel) if
