@@ -339,7 +339,7 @@ async def test_bidi_isolates_are_not_stored(app: Quill, isolate: str) -> None:
 
 # -- what the model's bytes become on screen ----------------------------------------------------
 
-CHINESE = [ChatMessage("user", "请用中文写一句话：今天天气很好，我们去公园散步。")]  # noqa: RUF001
+CHINESE = [ChatMessage("user", "请用中文写一句话：今天天气很好，我们去公园散步。")]
 
 
 @pytest.mark.parametrize("which", ["engine", "batched_engine"])
