@@ -245,9 +245,10 @@ def render(points: list[tuple[str, Point]], stats: Stats, sources: list[str]) ->
     if cited:
         parts.append("**Sources**\n" + "\n".join(f"[{n}] {sources[n - 1]}" for n in cited))
     if not points:
+        why = f"{stats.dropped} dropped as uncited or unsupported" if stats.dropped else "it proposed none"
         parts.append(
-            f"No point of the model's summary could be checked against the messages ({stats.dropped} "
-            "dropped as uncited or unsupported); /digest lists the questions and decisions found in them."
+            f"The model's summary had no point that cites the messages it rests on ({why}); "
+            "/digest lists the questions and decisions found in them."
         )
     calls = f"{stats.calls} model call{'s' * (stats.calls != 1)}"
     dropped = f", {stats.dropped} unsupported point(s) dropped" if stats.dropped else ""

@@ -47,7 +47,6 @@ def draw(days: Mapping[str, Mapping[str, int]], title: str) -> bytes:
         total = str(sum(counts.values()))
         pen.text((centre - pen.textlength(total, font=small) / 2, y - 16), total, fill=INK, font=small)
         pen.text((centre - pen.textlength(day, font=small) / 2, base + 6), day, fill=INK, font=small)
-    pen.text((4, base - 8), "0", fill=INK, font=small)
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
     return out.getvalue()
