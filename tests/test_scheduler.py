@@ -281,3 +281,6 @@ async def test_the_console_posts_scheduled_replies_to_screen_and_a_markdown_file
     kept = (bot.settings.data_dir / "posts" / "_digests.md").read_text()
     assert kept.count("## Digest since") == 2
     assert "3 messages from 2 people" in kept and "Nothing new." in kept
+    # The first digest's chart lies beside the Markdown file, which shows it; the empty one has none.
+    (chart,) = (bot.settings.data_dir / "posts").glob("_digests-*.png")
+    assert chart.read_bytes().startswith(b"\x89PNG") and f"![chart]({chart.name})" in kept

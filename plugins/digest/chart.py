@@ -1,9 +1,8 @@
 """The digest's chart: one bar per day, as tall as that day's messages and split by mood.
 
-Drawn with Pillow: a 4.5 MB wheel that imports in about 0.1 s and draws this in milliseconds,
-where matplotlib would bring about 40 MB (fonttools, contourpy, kiwisolver, ...) and take most
-of a second to import, for a bar chart. 640 px wide: Discord shows embed images at up to about
-400 px, and the labels stay readable at that size.
+Drawn with Pillow (a 7 MB wheel; this chart takes about 30 ms): matplotlib depends on Pillow
+itself and adds a 10 MB wheel and five more packages, for a bar chart. 640 px wide: Discord
+scales embed images down to about 400 px, and the labels stay readable at that size.
 """
 
 from __future__ import annotations
