@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import datetime
+
+import pytest
 
 from bot.api import Place, PluginContext, Reply, Request, Section, hookimpl
 from bot.app import Quill
+from bot.config import Settings
+from bot.engine.local import LocalEngine
+
+
+@pytest.fixture
+async def app(settings: Settings, engine: LocalEngine) -> AsyncIterator[Quill]:
+    """The whole core without the summarizer: these tests are about the digest's own sections,
+    and a grammar-bound summary takes minutes on a shared 2-core machine (tests/test_summarize.py
+    covers it, and the digest's use of its hook)."""
+    quill = await Quill.start(settings, engine=engine)
+    quill.plugins.unregister(name="plugins.summarize")
+    yield quill
+    await quill.close(close_engine=False)
 
 
 def asking(text: str, channel: str = "team", transport: str = "console", guild: str = "") -> Request:
