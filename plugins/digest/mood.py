@@ -59,6 +59,7 @@ async def model_label(ctx: PluginContext, text: str) -> str:
     result = await ctx.engine.chat(
         [ChatMessage("system", system), ChatMessage("user", text[:MODEL_TEXT_CHARS])], options
     )
+    ctx.progress()  # each label counts: a long period is stopped only if labelling stalls
     label = result.text.strip()
     return label if label in LABELS else "neutral"
 
@@ -67,7 +68,5 @@ async def labels(ctx: PluginContext, texts: Sequence[str]) -> list[str]:
     """The mood of each text, by the route the settings name. The word lists load once (jieba's
     dictionary takes about a second) and run off the event loop."""
     if ctx.settings.mood_method == "model":
-        found = await asyncio.gather(*(model_label(ctx, t) for t in texts))
-        ctx.progress()
-        return list(found)
+        return list(await asyncio.gather(*(model_label(ctx, t) for t in texts)))
     return await asyncio.to_thread(lambda: [lexicon_label(t) for t in texts])
