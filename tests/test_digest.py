@@ -243,3 +243,11 @@ async def test_digest_and_mood_carry_the_chart_and_mood_refuses_bad_hours(app: Q
 async def test_an_empty_period_has_no_chart(app: Quill) -> None:
     reply = await app.router.handle(asking("/digest"))
     assert reply.text == "Nothing new." and reply.image is None
+
+
+async def test_the_model_route_gives_one_label_per_message_under_its_grammar(app: Quill) -> None:
+    from plugins.digest import mood
+
+    app.settings.mood_method = "model"
+    labels = await mood.labels(app.context, ["Great work on the release, thanks!", "登录页面又挂了，很糟糕。"])
+    assert len(labels) == 2 and set(labels) <= set(mood.LABELS)
