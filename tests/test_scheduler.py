@@ -51,7 +51,10 @@ async def ask(app: Quill, text: str, **fields: object) -> Reply:
 
 
 async def started(settings: Settings, engine: LocalEngine) -> Quill:
+    """The core with a recording poster and without the summarizer: its grammar-bound summary
+    of a digest takes minutes on a shared 2-core machine, and tests/test_summarize.py covers it."""
     quill = await Quill.start(settings, engine=engine)
+    quill.plugins.unregister(name="plugins.summarize")
     quill.scheduler.posters["console"] = Recorder()
     return quill
 
