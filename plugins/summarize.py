@@ -269,9 +269,7 @@ async def cited_summary(ctx: PluginContext, place: Place, messages: list[Any]) -
     summarizer = Summarizer(ctx)
     summary = await summarizer.run(log_lines(messages))
     points = checked(summary, [m.content for m in messages], summarizer.stats)
-    sources = [
-        quote(m.content, m.author_name or m.author_id, message_link(place, m.external_id)) for m in messages
-    ]
+    sources = [quote(m.content, m.author_name or m.author_id, message_link(place, m.external_id)) for m in messages]
     return render(points, summarizer.stats, sources), points
 
 

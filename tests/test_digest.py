@@ -230,6 +230,8 @@ async def test_digest_and_mood_carry_the_chart_and_mood_refuses_bad_hours(app: Q
     digest_reply = await app.router.handle(asking("/digest"))
     assert digest_reply.image is not None and bars(digest_reply.image) == 1
     assert "Overall: 1 positive, 0 neutral, 1 negative." in section(digest_reply.text, "Mood")
+    assert "Unhappy:\n- “This flaky test is really annoying.” — bob" in digest_reply.text
+    assert "Highlights:\n- “Thanks, that helped a lot!” — ada" in digest_reply.text
     mood_reply = await app.router.handle(asking("/mood hours:2"))
     assert mood_reply.title == "Mood of the last 2 hour(s)" and mood_reply.image is not None
     assert mood_reply.text.startswith("Overall: 1 positive, 0 neutral, 1 negative.")

@@ -111,9 +111,7 @@ def grounded_sections(place: Place, messages: Sequence[Said]) -> list[Section]:
     if decided:
         sections.append(Section("Decisions and action items", grounded.bullets(place, decided, LIST_LIMIT)))
     if busiest:
-        lines = [
-            f"- {grounded.quoted(place, t.root)}: {len(t.messages)} messages, {t.people} people" for t in busiest
-        ]
+        lines = [f"- {grounded.quoted(place, t.root)}: {len(t.messages)} messages, {t.people} people" for t in busiest]
         sections.append(Section("Most discussed threads", "\n".join(lines)))
     return sections
 
@@ -128,7 +126,8 @@ def per_day(ctx: PluginContext, messages: Sequence[Said]) -> dict[str, Counter[s
 
 
 def mood_section(ctx: PluginContext, place: Place, messages: Sequence[Said]) -> Section:
-    """The mood per day, and the threads with the most unhappy messages."""
+    """The mood per day, the threads with the most unhappy messages, and the newest unhappy and
+    happy messages elsewhere, quoted: an outage or a teammate's frustration is never just a count."""
     total = Counter(m.mood for m in messages)
     lines = ["Overall: " + ", ".join(f"{total[label]} {label}" for label in mood.LABELS) + "."]
     for day, counts in per_day(ctx, messages).items():
@@ -140,6 +139,11 @@ def mood_section(ctx: PluginContext, place: Place, messages: Sequence[Said]) -> 
     )
     for thread in unhappy[:TOP]:
         lines.append(f"**Needs attention:** {grounded.quoted(place, thread.root)}: {thread.unhappy} unhappy messages")
+    flagged = {m.key for t in unhappy[:TOP] for m in t.messages}
+    for label, heading in (("negative", "Unhappy"), ("positive", "Highlights")):
+        said = [m for m in messages if m.mood == label and m.key not in flagged]
+        if said:
+            lines.append(f"{heading}:\n" + grounded.bullets(place, said, TOP))
     return Section("Mood", "\n".join(lines))
 
 
