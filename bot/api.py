@@ -27,6 +27,7 @@ from bot.hookspecs import hookimpl
 from bot.memory import Memory
 from bot.prompts import PromptLoader
 from bot.search import Hit, Search, Semantic
+from bot.text import HAS_CJK, content_words
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
@@ -45,7 +46,11 @@ __all__ = [
     "Reply",
     "Request",
     "Section",
+    "content_words",
+    "has_cjk",
     "hookimpl",
+    "message_link",
+    "quote",
 ]
 
 BOT_AUTHOR_ID = "quill"
@@ -89,6 +94,8 @@ class Request:
         """A whole-number option (already checked against its declaration); None if not given."""
         value = self.options.get(name)
         return value if isinstance(value, int) else None
+    # The transport's id of the message this one replies to (a Discord reply), else None.
+    reply_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,27 @@ class Place:
     transport: str
     guild_id: str
     channel_id: str
+
+
+def has_cjk(text: str) -> bool:
+    """Whether `text` holds Chinese (CJK) characters: such text gets the Chinese tools."""
+    return HAS_CJK.search(text) is not None
+
+
+def message_link(place: Place, message_id: str | None, channel_id: str | None = None) -> str | None:
+    """A jump link to a message where the transport has them (Discord in a guild), else None."""
+    if place.transport != "discord" or not place.guild_id or not message_id or not message_id.isdigit():
+        return None
+    return f"https://discord.com/channels/{place.guild_id}/{channel_id or place.channel_id}/{message_id}"
+
+
+def quote(text: str, author: str, link: str | None = None, limit: int = 140) -> str:
+    """A message as a digest or summary shows it: its text on one line (cut at `limit`), who
+    wrote it, and a jump link where there is one."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"“{text}” — {author}" + (f" ([jump]({link}))" if link else "")
 
 
 @dataclass(frozen=True)
@@ -130,6 +158,9 @@ class Reply:
     # The stored answer's row, set once the stream has finished (by converse): the transport
     # links the message it posted to it, so a reaction approves this answer and no other.
     answer_id: int | None = None
+    # A PNG shown with the reply (a digest's chart): inside the embed on Discord, written beside
+    # the post in the console.
+    image: bytes | None = None
 
 
 Handler = Callable[["PluginContext", Request], Awaitable[Reply]]

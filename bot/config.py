@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     digest_when_empty: Literal["say", "skip"] = "say"
     # The first digest of a place covers this many hours.
     digest_first_hours: int = Field(default=24, ge=1, le=24 * 366)
+    # How digests and /mood judge each message's mood: "lexicon" (VADER for English, HowNet's
+    # word lists for Chinese; no model call) or "model" (the chat model under a grammar).
+    mood_method: Literal["lexicon", "model"] = "lexicon"
     # Fine-tuning: share of approved exchanges held out for the eval gate, LoRA size, training length.
     finetune_heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
     finetune_lora_rank: int = Field(default=8, ge=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import re
 import threading
@@ -379,4 +380,4 @@ async def finished(reply: Reply) -> Reply:
     if reply.stream is None:
         return reply
     text = "".join([piece async for piece in reply.stream])
-    return Reply(text=text.strip(), failed=reply.failed, title=reply.title, channel_id=reply.channel_id)
+    return dataclasses.replace(reply, text=text.strip(), stream=None)

@@ -5,6 +5,12 @@ context beside the prompt and the reply, each chunk becomes a short note (map), 
 and merged the same way until one call can take them all (reduce), and that last call answers
 in JSON bounded by a schema (key points, decisions, open questions, who said what). Each step
 at least halves the text, so model calls grow linearly with the number of messages.
+
+Kept honest: every message goes in numbered (`[12] Ada: ...`), notes keep the numbers, and each
+point of the final JSON carries the numbers it rests on. A point citing no message, a number
+that is not one, or messages sharing none of its content words (English words, Chinese
+character bigrams) is dropped before anyone sees it; the cited messages are quoted under the
+summary.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    content_words,
     hookimpl,
+    message_link,
+    quote,
 )
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,8 @@ TEMPLATE_TOKENS = 16
 ITEM_CHARS = 100
 # JSON punctuation and keys, plus a generous token count per item, bound the final reply.
 FINAL_BASE_TOKENS = 48
-TOKENS_PER_ITEM = 56
+TOKENS_PER_ITEM = 72
+MAX_CITES = 3
 SECTIONS = ("key_points", "decisions", "open_questions", "who_said_what")
 TITLES = ("Key points", "Decisions", "Open questions", "Who said what")
 
@@ -48,8 +58,14 @@ MAX_MESSAGES = 100_000
 MAX_HOURS = 24 * 365
 
 _LINE_BREAKS = re.compile(r"\s*\n\s*")
+_CITATION = re.compile(r"\[(\d{1,6})\]")
 
-Item = Annotated[str, StringConstraints(max_length=ITEM_CHARS)]
+
+class Point(BaseModel):
+    """One point of the summary and the numbers of the messages it rests on."""
+
+    text: Annotated[str, StringConstraints(max_length=ITEM_CHARS)]
+    ids: list[int] = Field(max_length=MAX_CITES)
 
 
 def summary_model(max_items: int) -> type[BaseModel]:
@@ -57,7 +73,7 @@ def summary_model(max_items: int) -> type[BaseModel]:
     too: unbounded, SmolLM2-135M wrote one string until max_tokens cut the JSON. The bound costs
     speed (llama.cpp expands it into nested rules: 87.5 s against 11 s for the same 67 tokens
     with maxLength 150, on a loaded 2-core machine), so it is kept short."""
-    bounded = (list[Item], Field(max_length=max_items))
+    bounded = (list[Point], Field(max_length=max_items))
     return create_model("Summary", **dict.fromkeys(SECTIONS, bounded))  # type: ignore[call-overload]
 
 
@@ -71,6 +87,9 @@ class Stats:
     merges: int = 0
     calls: int = 0
     levels: list[int] = field(default_factory=list)
+    # Points the model proposed, and those dropped as uncited or unsupported.
+    proposed: int = 0
+    dropped: int = 0
 
 
 def pack(costs: list[int], budget: int) -> list[range]:
@@ -193,23 +212,69 @@ class Summarizer:
         return [ChatMessage("system", system), ChatMessage("user", "\n".join(texts))]
 
 
-def render(summary: BaseModel | str, stats: Stats) -> str:
-    """The summary as Markdown sections (empty ones left out), with what it cost."""
+def checked(summary: BaseModel | str, sources: list[str], stats: Stats) -> list[tuple[str, Point]]:
+    """(section title, point) for each point that cites messages supporting it. `sources` are the
+    message texts by number (1-based); a plain-notes fallback counts only lines citing `[n]`."""
+    proposed: list[tuple[str, Point]] = []
+    if isinstance(summary, str):
+        for line in summary.splitlines():
+            ids = [int(n) for n in _CITATION.findall(line)][:MAX_CITES]
+            text = _CITATION.sub("", line).strip(" -*•\t")[:ITEM_CHARS]
+            if text:
+                proposed.append(("Notes", Point(text=text, ids=ids)))
+    else:
+        for key, title in zip(SECTIONS, TITLES, strict=True):
+            proposed += [(title, p) for p in getattr(summary, key, []) if p.text.strip()]
+    kept = [(title, p) for title, p in proposed if supported(p, sources)]
+    stats.proposed, stats.dropped = len(proposed), len(proposed) - len(kept)
+    return kept
+
+
+def supported(point: Point, sources: list[str]) -> bool:
+    """Cites at least one message, only messages that exist, and shares a content word with them."""
+    if not point.ids or any(not 1 <= n <= len(sources) for n in point.ids):
+        return False
+    cited: set[str] = set().union(*(content_words(sources[n - 1]) for n in point.ids))
+    return bool(content_words(point.text) & cited)
+
+
+def render(points: list[tuple[str, Point]], stats: Stats, sources: list[str]) -> str:
+    """The checked points as Markdown sections, each with its citation numbers, then the cited
+    messages themselves (`sources` already quoted, by number), and what it cost."""
     parts = []
-    for key, title in zip(SECTIONS, TITLES, strict=True):
-        items = [i.strip() for i in getattr(summary, key, []) if i.strip()]
-        if items:
-            parts.append(f"**{title}**\n" + "\n".join(f"- {i}" for i in items))
-    if isinstance(summary, str) and summary:
-        parts.append(f"**Notes**\n{summary}")
-    body = "\n\n".join(parts) or "Nothing notable was said."
+    for title in dict.fromkeys(t for t, _ in points):
+        items = [f"- {p.text.strip()} " + "".join(f"[{n}]" for n in p.ids) for t, p in points if t == title]
+        parts.append(f"**{title}**\n" + "\n".join(items))
+    cited = sorted({n for _, p in points for n in p.ids})
+    if cited:
+        parts.append("**Sources**\n" + "\n".join(f"[{n}] {sources[n - 1]}" for n in cited))
+    if not points:
+        why = f"{stats.dropped} dropped as uncited or unsupported" if stats.dropped else "it proposed none"
+        parts.append(
+            f"The model's summary had no point that cites the messages it rests on ({why}); "
+            "/digest lists the questions and decisions found in them."
+        )
     calls = f"{stats.calls} model call{'s' * (stats.calls != 1)}"
-    return f"{body}\n\n_{stats.messages} messages, {max(stats.chunks, 1)} part(s), {calls}._"
+    dropped = f", {stats.dropped} unsupported point(s) dropped" if stats.dropped else ""
+    return "\n\n".join(parts) + f"\n\n_{stats.messages} messages, {max(stats.chunks, 1)} part(s), {calls}{dropped}._"
 
 
 def log_lines(messages: list[Any]) -> list[str]:
-    """One line per message, "Name: text", line breaks folded so a message stays one line."""
-    return [f"{m.author_name or m.author_id}: {_LINE_BREAKS.sub(' / ', m.content)}" for m in messages]
+    """One numbered line per message, "[n] Name: text", line breaks folded so a message stays one
+    line; the numbers are what summary points cite."""
+    return [
+        f"[{i}] {m.author_name or m.author_id}: {_LINE_BREAKS.sub(' / ', m.content)}"
+        for i, m in enumerate(messages, start=1)
+    ]
+
+
+async def cited_summary(ctx: PluginContext, place: Place, messages: list[Any]) -> tuple[str, list[tuple[str, Point]]]:
+    """The summary of stored messages, rendered with its checked points; also the points."""
+    summarizer = Summarizer(ctx)
+    summary = await summarizer.run(log_lines(messages))
+    points = checked(summary, [m.content for m in messages], summarizer.stats)
+    sources = [quote(m.content, m.author_name or m.author_id, message_link(place, m.external_id)) for m in messages]
+    return render(points, summarizer.stats, sources), points
 
 
 async def summarize(ctx: PluginContext, request: Request) -> Reply:
@@ -224,22 +289,24 @@ async def summarize(ctx: PluginContext, request: Request) -> Reply:
     messages = await ctx.memory.recent_messages(conv.id, limit, since)
     if not messages:
         return Reply("There are no stored messages here to summarize yet.")
-    summarizer = Summarizer(ctx)
-    summary = await summarizer.run(log_lines(messages))
+    place = Place(request.transport, request.guild_id, request.channel_id)
+    text, _ = await cited_summary(ctx, place, messages)
     span = f"the last {hours} hour(s)" if hours else f"the last {len(messages)} messages"
-    return Reply(render(summary, summarizer.stats), title=f"Summary of {span}")
+    return Reply(text, title=f"Summary of {span}")
 
 
 @hookimpl
 async def digest_sections(context: PluginContext, place: Place, since: datetime) -> Section | None:
-    """The digest's summary of what was said in `place` since `since` (None when nothing was)."""
+    """The digest's summary of what was said in `place` since `since`: None when nothing was,
+    or when no point of it could be checked (the digest's own sections then speak for the
+    period, never a "nothing notable")."""
     conv = await context.memory.conversation(place.transport, place.guild_id, place.channel_id)
     assert conv.id is not None
     messages = await context.memory.recent_messages(conv.id, context.settings.summarize_max_messages, since)
     if not messages:
         return None
-    summarizer = Summarizer(context)
-    return Section("Summary", render(await summarizer.run(log_lines(messages)), summarizer.stats))
+    text, points = await cited_summary(context, place, messages)
+    return Section("Summary", text) if points else None
 
 
 @hookimpl

@@ -38,6 +38,7 @@ from bot.transports.discord import (
     make_client,
     run_discord,
 )
+from plugins.digest import chart
 from tests.discord_helpers import (
     RecordingWebhookAdapter,
     attach,
@@ -230,6 +231,8 @@ async def test_replying_to_the_bot_addresses_it_and_replying_to_people_does_not(
     assert len(await bot_messages(bot, general)) == 2
     history = await stored(app, str(general.guild.id), str(general.id))
     assert [m.content for m in history] == ["lunch at noon?", "sure, see you there"]
+    # Plugins learn which message a reply answers (the digest's reply chains).
+    assert probe.observed[-1].reply_to == str(chatter.id) and probe.observed[-2].reply_to is None
 
 
 async def test_unaddressed_messages_are_stored_as_history_and_shown_to_observers(
@@ -527,6 +530,23 @@ async def test_scheduled_replies_are_posted_to_their_target_channel(bot: QuillCl
     await app.scheduler.posters["discord"](place, f"<#{mods.id}>", Reply("Three things happened.", title="Digest"))
     [posted] = await bot_messages(bot, mods)
     assert posted.embeds[0].title == "Digest" and posted.embeds[0].description == "Three things happened."
+
+
+async def test_a_replys_image_is_attached_and_shown_inside_its_embed(bot: QuillClient) -> None:
+    """dpytest drops the embed of a message sent with files (discord.py sends both as multipart
+    form data, which its fake HTTP layer does not read), so a recorder stands in for the channel."""
+    sent: list[dict[str, Any]] = []
+
+    class Recorder:
+        async def send(self, **fields: Any) -> Any:
+            sent.append(fields)
+            return discord.Object(len(sent))
+
+    png = chart.draw({"Mon 11-23": {"neutral": 3}}, "Messages per day, by mood")
+    assert await bot._deliver(Reply("With a chart.", title="Digest", image=png), Recorder())
+    ((fields),) = sent
+    assert fields["embed"].image.url == "attachment://chart.png"
+    assert fields["file"].filename == "chart.png" and fields["file"].fp.read() == png
 
 
 async def test_a_thumbs_up_approves_the_answer_it_is_on_for_fine_tuning(bot: QuillClient, app: Quill) -> None:

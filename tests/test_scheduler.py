@@ -52,7 +52,10 @@ async def ask(app: Quill, text: str, **fields: object) -> Reply:
 
 
 async def started(settings: Settings, engine: LocalEngine) -> Quill:
+    """The core with a recording poster and without the summarizer: its grammar-bound summary
+    of a digest takes minutes on a shared 2-core machine, and tests/test_summarize.py covers it."""
     quill = await Quill.start(settings, engine=engine)
+    quill.plugins.unregister(name="plugins.summarize")
     quill.scheduler.posters["console"] = Recorder()
     return quill
 
@@ -328,3 +331,6 @@ async def test_the_console_posts_scheduled_replies_to_screen_and_a_markdown_file
     kept = (bot.settings.data_dir / "posts" / "_digests.md").read_text()
     assert kept.count("## Digest since") == 2
     assert "3 messages from 2 people" in kept and "Nothing new." in kept
+    # The first digest's chart lies beside the Markdown file, which shows it; the empty one has none.
+    (chart,) = (bot.settings.data_dir / "posts").glob("_digests-*.png")
+    assert chart.read_bytes().startswith(b"\x89PNG") and f"![chart]({chart.name})" in kept

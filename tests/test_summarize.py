@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ from bot.api import Place, PluginContext, Request
 from bot.app import Quill
 from bot.engine import ChatMessage, ChatResult, GenerationOptions, Model
 from bot.engine.local import LocalEngine
-from plugins.summarize import Summarizer, log_lines, pack, render
+from plugins.summarize import Point, Stats, Summarizer, checked, log_lines, pack, render, summary_model
 from tests.conftest import make_settings
 
 NAMES = ("Ada", "Bea", "Cy")
@@ -138,7 +139,8 @@ async def test_summarize_command_replies_with_a_titled_summary(small_app: Quill)
     reply = await small_app.router.handle(request("/summarize hours:1"))
     assert not reply.failed, reply.text
     assert reply.title == "Summary of the last 1 hour(s)"
-    assert reply.text.endswith("_6 messages, 1 part(s), 1 model call._")
+    assert re.search(r"_6 messages, 1 part\(s\), 1 model call(, \d+ unsupported point\(s\) dropped)?\._$", reply.text)
+    assert "Nothing notable" not in reply.text
 
 
 async def test_summarize_usage_errors_and_empty_place(small_app: Quill) -> None:
@@ -159,8 +161,9 @@ async def test_digest_section_covers_messages_since_a_time(small_app: Quill) -> 
     assert len(await small_app.memory.recent_messages(conv_id, 100, since)) == 4
     assert await small_app.memory.recent_messages(conv_id, 100, datetime.now(UTC)) == []
     assert await _sections(small_app, datetime.now(UTC)) == []
-    (section,) = await _sections(small_app, since)
-    assert section.title == "Summary" and "4 messages" in section.body
+    # A summary shows only when one of its points cites the messages it rests on; its sources follow.
+    for section in await _sections(small_app, since):
+        assert section.title == "Summary" and "4 messages" in section.body and "**Sources**\n[" in section.body
 
 
 async def _sections(app: Quill, since: datetime) -> list[Any]:
@@ -174,4 +177,39 @@ async def test_json_cut_short_falls_back_to_plain_notes(small_app: Quill) -> Non
     summarizer.final_tokens = 8  # far too few for the four JSON lists
     summary = await summarizer.final("summarize_chunk", ["Ada: ship on Thursday", "Bea: after QA"])
     assert isinstance(summary, str) and summarizer.stats.calls == 2
-    assert render(summary, summarizer.stats).startswith(f"**Notes**\n{summary}")
+    points = checked(summary, ["ship on Thursday", "after QA"], summarizer.stats)
+    assert all(title == "Notes" and point.ids for title, point in points)  # uncited notes never show
+    assert summarizer.stats.proposed == len(points) + summarizer.stats.dropped
+
+
+def test_points_citing_no_message_or_unsupported_ones_are_dropped() -> None:
+    sources = [
+        "We shipped the 2.3 release today, great work everyone!",
+        "The login page is broken again, users are angry.",
+        "我们下周一开始迁移数据库。",
+    ]
+    Summary = summary_model(5)
+    summary = Summary(
+        key_points=[
+            Point(text="The 2.3 release shipped", ids=[1]),
+            Point(text="The login page is broken", ids=[2]),
+            Point(text="Budget approved for the offsite", ids=[1]),  # cites a message that says no such thing
+            Point(text="The release shipped", ids=[9]),  # no message 9
+            Point(text="The login page is broken", ids=[]),  # cites nothing
+        ],
+        decisions=[Point(text="下周一开始迁移数据库", ids=[3]), Point(text="预算已经批准", ids=[3])],
+        open_questions=[],
+        who_said_what=[],
+    )
+    stats = Stats()
+    kept = checked(summary, sources, stats)
+    assert [(title, p.text) for title, p in kept] == [
+        ("Key points", "The 2.3 release shipped"),
+        ("Key points", "The login page is broken"),
+        ("Decisions", "下周一开始迁移数据库"),
+    ]
+    assert (stats.proposed, stats.dropped) == (7, 4)
+    text = render(kept, stats, [f"“{s}” — ada" for s in sources])
+    assert "- The 2.3 release shipped [1]" in text and "- 下周一开始迁移数据库 [3]" in text
+    assert "**Sources**\n[1] “We shipped the 2.3 release today, great work everyone!” — ada" in text
+    assert "Budget" not in text and "预算" not in text and "4 unsupported point(s) dropped" in text

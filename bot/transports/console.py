@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 from bot.api import Place, Reply, Request
@@ -91,6 +92,8 @@ class ConsoleTransport:
         if reply.stream is None:
             clear()
             write((f"== {reply.title} ==\n" if reply.title else "") + reply.text + "\n")
+            if reply.image is not None:
+                write(f"(chart: {self.save_image('charts', self.channel, reply.image)})\n")
             self.out.flush()
             return
         started = False
@@ -111,13 +114,23 @@ class ConsoleTransport:
         """The console's scheduler poster: print the reply and append it to
         `<data dir>/posts/<target>.md`, so scheduled digests are kept to read later."""
         heading = f"## {reply.title or 'Scheduled post'} ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)"
-        self.out.write(f"\n[to {target}] {heading[3:]}\n{reply.text}\n")
+        text = reply.text
+        if reply.image is not None:  # beside the Markdown file, which shows it
+            text += f"\n\n![chart]({self.save_image('posts', target, reply.image).name})"
+        self.out.write(f"\n[to {target}] {heading[3:]}\n{text}\n")
         self.out.flush()
         folder = self.app.settings.data_dir / "posts"
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in target) or "console"
         folder.mkdir(parents=True, exist_ok=True)
-        with (folder / f"{name}.md").open("a", encoding="utf-8") as fh:
-            fh.write(f"{heading}\n\n{reply.text}\n\n")
+        with (folder / f"{_file_name(target)}.md").open("a", encoding="utf-8") as fh:
+            fh.write(f"{heading}\n\n{text}\n\n")
+
+    def save_image(self, folder_name: str, target: str, png: bytes) -> Path:
+        """Write a reply's PNG as `<data dir>/<folder>/<target>-<time>.png` and return its path."""
+        folder = self.app.settings.data_dir / folder_name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_file_name(target)}-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}.png"
+        path.write_bytes(png)
+        return path
 
     async def repl(self, read_line: Callable[[], Awaitable[str]] | None = None) -> None:
         """Chat until end of input or /quit; the conversation persists between runs."""
@@ -137,3 +150,8 @@ class ConsoleTransport:
             if not line.strip():
                 continue
             await self.ask(line)
+
+
+def _file_name(target: str) -> str:
+    """A channel name as a safe file name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in target) or "console"

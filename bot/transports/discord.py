@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,6 +55,7 @@ ADMIN_REFUSAL = "This needs the Manage Server permission (or your id in QUILL_AD
 # discord.py waits out rate limits itself; one longer than this raises RateLimited instead.
 MAX_RATE_LIMIT_WAIT = 30.0
 SEND_ATTEMPTS = 3
+IMAGE_NAME = "chart.png"  # a reply's image (Reply.image), shown inside its embed
 
 T = TypeVar("T")
 
@@ -105,6 +107,8 @@ class InteractionDestination:
     async def send(self, **fields: Any) -> Editable:
         if not self.answered:
             self.answered = True
+            if "file" in fields:  # the deferred response takes its files as attachments
+                fields["attachments"] = [fields.pop("file")]
             return await self.interaction.edit_original_response(**fields)
         return await self.interaction.followup.send(wait=True, ephemeral=self.ephemeral, **fields)
 
@@ -302,6 +306,7 @@ class QuillClientMixin:
             is_dm=message.guild is None,
             quoted=quoted_text(message),
             admin_hint=ADMIN_REFUSAL,
+            reply_to=str(message.reference.message_id) if message.reference and message.reference.message_id else None,
         )
 
     def is_admin(self, user: discord.abc.User, permissions: discord.Permissions | None = None) -> bool:
@@ -468,7 +473,10 @@ class QuillClientMixin:
                         edited = await self.call_discord(lambda m=message, f=fields: m.edit(**f), "edit")
                         posted[index] = (edited or message, part)
                 else:
-                    sent = await self.call_discord(lambda f=fields: destination.send(**f), "send a reply")
+                    if index == 0 and reply.image is not None and "embed" in fields:
+                        fields["embed"].set_image(url=f"attachment://{IMAGE_NAME}")
+                        fields["image"] = reply.image
+                    sent = await self.call_discord(lambda f=fields: destination.send(**_with_file(f)), "send a reply")
                     posted.append((sent, part))
 
         try:
@@ -780,6 +788,14 @@ async def aclose(stream: AsyncIterator[str]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
+
+
+def _with_file(fields: dict[str, Any]) -> dict[str, Any]:
+    """Fields with an `image` (PNG bytes) as a fresh attachment: each attempt reads it anew."""
+    fields = dict(fields)
+    if (image := fields.pop("image", None)) is not None:
+        fields["file"] = discord.File(io.BytesIO(image), filename=IMAGE_NAME)
+    return fields
 
 
 def short(text: str) -> str:

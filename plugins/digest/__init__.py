@@ -1,0 +1,222 @@
+"""Digest: what happened in a place (or several channels) since the last digest, and `/mood`.
+
+Its own facts need no model and quote what people wrote: message counts and the most active
+people, open questions, decisions and action items, the most discussed threads (with jump links
+on Discord), the channel's mood per day with the threads that need attention, and a chart of
+messages and mood per day. Every plugin's `digest_sections` follow (the summarizer's cited
+summary). The time of the last digest is kept per place, so a scheduled `/digest` covers exactly
+the period since the one before.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from bot.api import Command, Option, Place, PluginContext, Reply, Request, Section, hookimpl
+
+from . import chart, grounded, mood
+from .grounded import Said
+
+LAST_RUN = "digest.last_run"
+TOP = 3
+LIST_LIMIT = 8
+MOOD_DEFAULT_HOURS = 24
+MOOD_MAX_HOURS = 24 * 31
+# Reply links seen on Discord (message id -> the id it replies to), newest kept: the digest
+# reads reply chains from them. Kept in memory: after a restart, or for messages another
+# process saw, open questions fall back to the later messages alone.
+MAX_REPLY_LINKS = 200_000
+_replies: OrderedDict[str, str] = OrderedDict()
+
+
+@hookimpl
+def on_message(context: PluginContext, request: Request) -> None:
+    """Remember which message a Discord reply answers."""
+    if request.message_id and request.reply_to:
+        _replies[request.message_id] = request.reply_to
+        while len(_replies) > MAX_REPLY_LINKS:
+            _replies.popitem(last=False)
+
+
+def _link(place: Place, channel_id: str, message_id: str | None) -> str:
+    """A jump link where the transport has them (Discord), else the channel's name."""
+    if place.transport == "discord" and message_id and place.guild_id:
+        return f"<#{channel_id}> ([start](https://discord.com/channels/{place.guild_id}/{channel_id}/{message_id}))"
+    return f"#{channel_id}"
+
+
+def activity(place: Place, rows: list[tuple[str, Any]]) -> Section:
+    """Counts of the period's messages, who wrote most, and the busiest channels."""
+    people = [m for _, m in rows if m.role == "user"]
+    by_author = Counter(m.author_name or m.author_id for m in people)
+    by_channel = Counter(channel for channel, m in rows if m.role == "user")
+    first: dict[str, str | None] = {}
+    for channel, m in rows:
+        first.setdefault(channel, m.external_id)
+    answers = len(rows) - len(people)
+    lines = [f"{len(people)} messages from {len(by_author)} people, {answers} answers from the bot."]
+    if by_author:
+        lines.append("Most active: " + ", ".join(f"{name} ({n})" for name, n in by_author.most_common(TOP)))
+    if by_channel:
+        lines.append("Most active threads:")
+        for channel, n in by_channel.most_common(TOP):
+            lines.append(f"- {_link(place, channel, first[channel])}: {n} messages")
+    return Section("Activity", "\n".join(lines))
+
+
+async def people_said(ctx: PluginContext, rows: Sequence[tuple[str, Any]]) -> list[Said]:
+    """The period's messages by people (not the bot), with reply links and moods."""
+    people = [(channel, m) for channel, m in rows if m.role == "user"]
+    labels = await mood.labels(ctx, [m.content for _, m in people])
+    return [
+        Said(
+            key=m.external_id or f"row-{m.id}",
+            author=m.author_name or m.author_id,
+            text=m.content,
+            at=m.created_at,
+            channel=channel,
+            external_id=m.external_id,
+            reply_to=_replies.get(m.external_id) if m.external_id else None,
+            mood=label,
+        )
+        for (channel, m), label in zip(people, labels, strict=True)
+    ]
+
+
+def _by_channel(messages: Sequence[Said]) -> list[list[Said]]:
+    groups: dict[str, list[Said]] = {}
+    for m in messages:
+        groups.setdefault(m.channel, []).append(m)
+    return list(groups.values())
+
+
+def grounded_sections(place: Place, messages: Sequence[Said]) -> list[Section]:
+    """Open questions, decisions and action items, the busiest threads: each a quoted message.
+    Questions and threads are judged within their channel."""
+    channels = _by_channel(messages)
+    questions = [q for group in channels for q in grounded.open_questions(group)]
+    decided = grounded.decisions(messages)
+    busiest = sorted(
+        (t for group in channels for t in grounded.threads(group)),
+        key=lambda t: (len(t.messages), t.people),
+        reverse=True,
+    )[:TOP]
+    sections = []
+    if questions:
+        sections.append(Section("Open questions", grounded.bullets(place, questions, LIST_LIMIT)))
+    if decided:
+        sections.append(Section("Decisions and action items", grounded.bullets(place, decided, LIST_LIMIT)))
+    if busiest:
+        lines = [f"- {grounded.quoted(place, t.root)}: {len(t.messages)} messages, {t.people} people" for t in busiest]
+        sections.append(Section("Most discussed threads", "\n".join(lines)))
+    return sections
+
+
+def per_day(ctx: PluginContext, messages: Sequence[Said]) -> dict[str, Counter[str]]:
+    """Messages per mood for each day (in QUILL_SCHEDULER_TIMEZONE), oldest first."""
+    zone = ZoneInfo(ctx.settings.scheduler_timezone)
+    days: dict[str, Counter[str]] = {}
+    for m in messages:
+        days.setdefault(m.at.astimezone(zone).strftime("%a %m-%d"), Counter())[m.mood] += 1
+    return days
+
+
+def mood_section(ctx: PluginContext, place: Place, messages: Sequence[Said]) -> Section:
+    """The mood per day, the threads with the most unhappy messages, and the newest unhappy and
+    happy messages elsewhere, quoted: an outage or a teammate's frustration is never just a count."""
+    total = Counter(m.mood for m in messages)
+    lines = ["Overall: " + ", ".join(f"{total[label]} {label}" for label in mood.LABELS) + "."]
+    for day, counts in per_day(ctx, messages).items():
+        lines.append(f"- {day}: " + " · ".join(f"{counts[label]} {label}" for label in mood.LABELS))
+    unhappy = sorted(
+        (t for group in _by_channel(messages) for t in grounded.threads(group) if t.unhappy >= 2),
+        key=lambda t: t.unhappy,
+        reverse=True,
+    )
+    for thread in unhappy[:TOP]:
+        lines.append(f"**Needs attention:** {grounded.quoted(place, thread.root)}: {thread.unhappy} unhappy messages")
+    flagged = {m.key for t in unhappy[:TOP] for m in t.messages}
+    for label, heading in (("negative", "Unhappy"), ("positive", "Highlights")):
+        said = [m for m in messages if m.mood == label and m.key not in flagged]
+        if said:
+            lines.append(f"{heading}:\n" + grounded.bullets(place, said, TOP))
+    return Section("Mood", "\n".join(lines))
+
+
+def mood_chart(ctx: PluginContext, messages: Sequence[Said]) -> bytes:
+    return chart.draw(per_day(ctx, messages), "Messages per day, by mood")
+
+
+async def digest(ctx: PluginContext, request: Request) -> Reply:
+    here = Place(request.transport, request.guild_id, request.channel_id)
+    channels = request.text.replace(",", " ").split() or [request.channel_id]
+    now = datetime.now(UTC)
+    last = await ctx.memory.get_setting(here.guild_id, here.channel_id, LAST_RUN)
+    since = datetime.fromisoformat(last) if last else now - timedelta(hours=ctx.settings.digest_first_hours)
+    rows = await ctx.memory.messages_since(here.transport, here.guild_id, channels, since)
+    messages = await people_said(ctx, rows)
+    sections = [activity(here, rows)] if rows else []
+    sections += grounded_sections(here, messages)
+    if messages:
+        sections.append(mood_section(ctx, here, messages))
+    if ctx.digest_sections is not None:
+        for channel in channels:
+            for section in await ctx.digest_sections(Place(here.transport, here.guild_id, channel), since):
+                title = section.title if len(channels) == 1 else f"{section.title} (#{channel})"
+                sections.append(Section(title, section.body))
+    await ctx.memory.set_setting(here.guild_id, here.channel_id, LAST_RUN, now.isoformat())
+    title = f"Digest since {since:%Y-%m-%d %H:%M} UTC"
+    if not sections:
+        if ctx.settings.digest_when_empty == "skip":
+            return Reply()
+        return Reply("Nothing new.", title=title)
+    text = "\n\n".join(f"**{s.title}**\n{s.body}" for s in sections)
+    return Reply(text, title=title, image=mood_chart(ctx, messages) if messages else None)
+
+
+def _hours(value: str | None) -> int:
+    """The `hours:` option, a whole number from 1 to MOOD_MAX_HOURS (ValueError says why)."""
+    if value is None or not value.strip():
+        return MOOD_DEFAULT_HOURS
+    if not value.strip().isdigit() or not 1 <= int(value) <= MOOD_MAX_HOURS:
+        raise ValueError(f"hours: must be a whole number from 1 to {MOOD_MAX_HOURS}, not {value!r}.")
+    return int(value)
+
+
+async def mood_command(ctx: PluginContext, request: Request) -> Reply:
+    try:
+        hours = _hours(request.options.get("hours"))
+    except ValueError as exc:
+        return Reply(f"{exc} Usage: /mood [hours:N]", failed=True)
+    here = Place(request.transport, request.guild_id, request.channel_id)
+    since = datetime.now(UTC) - timedelta(hours=hours)
+    rows = await ctx.memory.messages_since(here.transport, here.guild_id, [here.channel_id], since)
+    messages = await people_said(ctx, rows)
+    title = f"Mood of the last {hours} hour(s)"
+    if not messages:
+        return Reply("No messages from people here in that time.", title=title)
+    return Reply(mood_section(ctx, here, messages).body, title=title, image=mood_chart(ctx, messages))
+
+
+@hookimpl
+def register_commands(register: Callable[[Command], None]) -> None:
+    register(
+        Command(
+            "digest",
+            "what happened here (or in the channels named) since the last digest",
+            digest,
+            usage="[channel ...]",
+        )
+    )
+    register(
+        Command(
+            "mood",
+            "this channel's mood per day (positive / neutral / negative) and what needs attention",
+            mood_command,
+            options=(Option("hours", f"look back N hours (default {MOOD_DEFAULT_HOURS}, at most {MOOD_MAX_HOURS})"),),
+        )
+    )
