@@ -237,7 +237,7 @@ async def test_digest_and_mood_carry_the_chart_and_mood_refuses_bad_hours(app: Q
     assert mood_reply.text.startswith("Overall: 1 positive, 0 neutral, 1 negative.")
     for bad in ("hours:0", "hours:lots", "hours:100000"):
         refused = await app.router.handle(asking(f"/mood {bad}"))
-        assert refused.failed and "Usage: /mood [hours:N]" in refused.text and refused.image is None
+        assert refused.failed and "hours takes a whole number from 1 to 744" in refused.text and refused.image is None
     quiet = await app.router.handle(asking("/mood", channel="elsewhere"))
     assert quiet.text == "No messages from people here in that time." and quiet.image is None
 

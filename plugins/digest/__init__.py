@@ -178,20 +178,8 @@ async def digest(ctx: PluginContext, request: Request) -> Reply:
     return Reply(text, title=title, image=mood_chart(ctx, messages) if messages else None)
 
 
-def _hours(value: str | None) -> int:
-    """The `hours:` option, a whole number from 1 to MOOD_MAX_HOURS (ValueError says why)."""
-    if value is None or not value.strip():
-        return MOOD_DEFAULT_HOURS
-    if not value.strip().isdigit() or not 1 <= int(value) <= MOOD_MAX_HOURS:
-        raise ValueError(f"hours: must be a whole number from 1 to {MOOD_MAX_HOURS}, not {value!r}.")
-    return int(value)
-
-
 async def mood_command(ctx: PluginContext, request: Request) -> Reply:
-    try:
-        hours = _hours(request.options.get("hours"))
-    except ValueError as exc:
-        return Reply(f"{exc} Usage: /mood [hours:N]", failed=True)
+    hours = request.number("hours") or MOOD_DEFAULT_HOURS
     here = Place(request.transport, request.guild_id, request.channel_id)
     since = datetime.now(UTC) - timedelta(hours=hours)
     rows = await ctx.memory.messages_since(here.transport, here.guild_id, [here.channel_id], since)
@@ -217,6 +205,14 @@ def register_commands(register: Callable[[Command], None]) -> None:
             "mood",
             "this channel's mood per day (positive / neutral / negative) and what needs attention",
             mood_command,
-            options=(Option("hours", f"look back N hours (default {MOOD_DEFAULT_HOURS}, at most {MOOD_MAX_HOURS})"),),
+            options=(
+                Option(
+                    "hours",
+                    f"look back N hours (default {MOOD_DEFAULT_HOURS})",
+                    kind=int,
+                    min=1,
+                    max=MOOD_MAX_HOURS,
+                ),
+            ),
         )
     )
