@@ -2,7 +2,7 @@
 
     python -m bench.retrieval [--cjk jieba|bigram] [--passages 10000]
 
-The set (bench/data/retrieval/) is six documents written for the project (three Chinese, three
+The set (bench/sets/retrieval/) is six documents written for the project (three Chinese, three
 English; one FAQ of each) and questions.jsonl: per language, keyword questions (the document's
 words), paraphrases (other words), FAQ questions, and off-topic questions with no answer. A
 question is answered when a hit is the passage under its expected heading of its expected
@@ -43,7 +43,7 @@ from bot.embedder import Embedder
 from bot.memory import Memory
 from bot.search import Hit, Retrieval, Search, Semantic, relevant
 
-DATA = Path(__file__).parent / "data" / "retrieval"
+DATA = Path(__file__).parent / "sets" / "retrieval"
 PLACE = ("bench", "g1", "help")
 TOP = 4
 FLOORS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)

@@ -21,7 +21,7 @@ Staging deploys run from the orange pipeline button in Jenkins.
 Production deploys need two approvals and happen on Tuesdays only."""
 
 
-ML_NOTES = (Path(__file__).parent.parent / "bench" / "data" / "retrieval" / "机器学习笔记.md").read_text(
+ML_NOTES = (Path(__file__).parent.parent / "bench" / "sets" / "retrieval" / "机器学习笔记.md").read_text(
     encoding="utf-8"
 )
 

@@ -20,7 +20,7 @@ from bot.engine.local import LocalEngine
 from plugins.qa import NOTHING_FOUND
 from tests.test_qa import request, say
 
-FAQ = (Path(__file__).parent.parent / "bench" / "data" / "retrieval" / "faq-en.md").read_text(encoding="utf-8")
+FAQ = (Path(__file__).parent.parent / "bench" / "sets" / "retrieval" / "faq-en.md").read_text(encoding="utf-8")
 PARAPHRASE = "May I spend a month working remotely from Spain?"  # shares no content word with its answer
 DEADLINE = 120.0
 
