@@ -119,8 +119,10 @@ async def test_good_approves_the_last_answer_and_export_keeps_enabled_approved_s
     await exchange(app, "question elsewhere", "answer elsewhere", channel="other")  # not enabled
 
     reply = await app.router.handle(user("/finetune export"))
-    assert reply.text.startswith("Exported 2 train, 1 held out to ")
-    folder = Path(reply.text.rsplit(" to ", 1)[1])
+    summary, warning = reply.text.split("\n")
+    assert summary.startswith("Exported 2 train, 1 held out; 3 groups of distinct questions, 1 of them held out, to ")
+    assert warning.startswith("The eval gate would refuse it: too few distinct questions")
+    folder = Path(summary.rsplit(" to ", 1)[1])
     rows = [
         json.loads(line)
         for name in ("train.jsonl", "heldout.jsonl")
@@ -179,7 +181,7 @@ async def test_a_missing_adapter_is_a_clear_error(engine: LocalEngine, tmp_path:
 
 async def dataset(app: Quill, tmp_path: Path) -> finetune.Dataset:
     examples = [([{"role": "user", "content": q}, {"role": "assistant", "content": a}], "4242") for q, a in zorblax()]
-    return finetune._write_dataset(examples, tmp_path / "data", 0.25)
+    return finetune._write_dataset(examples, tmp_path / "data", 0.25, 4)
 
 
 async def test_the_gate_keeps_an_adapter_that_does_not_improve_out_of_service(app: Quill, tmp_path: Path) -> None:
