@@ -179,9 +179,59 @@ async def test_a_missing_adapter_is_a_clear_error(engine: LocalEngine, tmp_path:
     assert await answer(engine) == await answer(engine)
 
 
+def pairs_to_examples(pairs: list[tuple[str, str]]) -> list[tuple[list[dict[str, str]], str]]:
+    return [([{"role": "user", "content": q}, {"role": "assistant", "content": a}], "4242") for q, a in pairs]
+
+
 async def dataset(app: Quill, tmp_path: Path) -> finetune.Dataset:
-    examples = [([{"role": "user", "content": q}, {"role": "assistant", "content": a}], "4242") for q, a in zorblax()]
-    return finetune._write_dataset(examples, tmp_path / "data", 0.25, 4)
+    return finetune._write_dataset(pairs_to_examples(zorblax()), tmp_path / "data", 0.25, 4)
+
+
+QMARK, COMMA = "\uff1f", "\uff0c"  # full-width question mark and comma
+NEAR_DUPLICATES = [  # each list: one question asked several ways; none of them another's
+    ["How do I reset my password?", "how do i reset my password", "How can I reset my  PASSWORD??"],
+    [f"Zorblax 怎么部署{QMARK}", "zorblax如何部署", "ZORBLAX 部署"],
+    [f"如何重置密码{QMARK}", "我怎么重置我的密码", "怎么 重置 密码?", f"请问{COMMA}如何重置密码"],
+    [f"会议室在哪里预订{QMARK}", "会议室在哪里预订", f"请问会议室在哪里预订{QMARK}"],
+    ["\uff28\uff2f\uff37 \uff24\uff2f \uff29 \uff33\uff29\uff27\uff2e \uff35\uff30?", "How do I sign up?"],
+    ["How are you?", "how are you"],
+]
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.35, 0.5])
+def test_near_duplicate_questions_never_straddle_the_split(tmp_path: Path, fraction: float) -> None:
+    """English and Chinese near-duplicates (case, width, punctuation, spacing, function words)
+    land on one side; questions that differ in content (one template, another topic) do not merge."""
+    distinct = zorblax()  # one template, 16 topics: 16 different questions
+    pairs = [(q, f"answer {n}") for n, cluster in enumerate(NEAR_DUPLICATES) for q in cluster] + distinct
+    data = finetune._write_dataset(pairs_to_examples(pairs), tmp_path / "data", fraction, 4)
+    assert data.n_groups == len(NEAR_DUPLICATES) + len(distinct)
+    assert data.n_heldout_groups >= 4 and data.n_train + data.n_heldout == len(pairs)
+    held = {json.loads(line)["messages"][0]["content"] for line in data.heldout.read_text().splitlines()}
+    trained = {json.loads(line)["messages"][0]["content"] for line in data.train.read_text().splitlines()}
+    assert held and trained and not held & trained
+    for cluster in NEAR_DUPLICATES:
+        assert set(cluster) <= held or set(cluster) <= trained, cluster
+
+
+async def test_too_few_distinct_questions_are_never_trained_or_deployed(app: Quill, tmp_path: Path) -> None:
+    """Ten approvals of three questions: no held-out part worth the name, so no training and no
+    deployment, and both the command and the recorded run say why."""
+    asked = [q for cluster in NEAR_DUPLICATES[:3] for q in cluster][:10]
+    data = finetune._write_dataset(pairs_to_examples([(q, "the answer") for q in asked]), tmp_path / "d", 0.2, 4)
+    assert (data.n_groups, data.n_heldout_groups) == (3, 1)
+    lines = [line async for line in finetune.run_finetune(app.context, data)]
+    (run,) = runs(app)
+    assert run.status == "rejected" and run.adapter_path == ""
+    assert "not deployed: too few distinct questions for a held-out check: 3 group(s)" in lines[-1]
+    assert app.engine.adapter is None  # type: ignore[attr-defined]
+
+    await app.router.handle(user("/finetune enable"))
+    for question in asked:
+        await exchange(app, question, "the answer")
+    reply = await app.router.handle(user("/finetune train"))
+    assert reply.failed and reply.text.startswith("Not training: too few distinct questions"), reply.text
+    assert len(runs(app)) == 1
 
 
 async def test_the_gate_keeps_an_adapter_that_does_not_improve_out_of_service(app: Quill, tmp_path: Path) -> None:
