@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sqlmodel import Session, select
 
 from bot import finetune
@@ -284,13 +285,23 @@ async def test_rollback_returns_to_the_previous_adapter_then_to_the_base(
         await engine.set_adapter(None)
 
 
+def quick_training(app: Quill, **overrides: object) -> None:
+    """Tiny real training runs: rank 4, one epoch, 8 exchanges of the general set."""
+    values: dict[str, object] = {
+        "finetune_lora_rank": 4,
+        "finetune_epochs": 1,
+        "plugin_timeout": 1800,  # per progress line; a loaded machine steps slowly
+        "finetune_threads": 2,
+        "finetune_heldout_fraction": 0.25,
+        "finetune_general_sample": 8,
+    }
+    for name, value in {**values, **overrides}.items():
+        setattr(app.settings, name, value)
+
+
 async def test_training_improves_the_heldout_loss_and_is_served(app: Quill, engine: LocalEngine) -> None:
     """The whole loop for real: approvals -> /finetune train (child process) -> gate -> hot swap."""
-    app.settings.finetune_lora_rank = 4
-    app.settings.finetune_epochs = 1
-    app.settings.plugin_timeout = 1800  # per progress line; a loaded machine steps slowly
-    app.settings.finetune_threads = 2
-    app.settings.finetune_heldout_fraction = 0.25
+    quick_training(app)
     base = await cold(engine)
     await app.router.handle(user("/finetune enable"))
     for question, reply_text in zorblax():
@@ -307,9 +318,58 @@ async def test_training_improves_the_heldout_loss_and_is_served(app: Quill, engi
         assert await answer(engine) != base
         status = await app.router.handle(user("/finetune status"))
         assert f"run 1: deployed (served now), held-out NLL/token {run.nll_before:.3f}" in status.text
+        figures = json.loads(run.figures)
+        assert len(figures["losses"]) == 12 and figures["general"]["examples"] == 8
+        assert figures["general"]["change"] <= app.settings.finetune_max_regression
+        assert figures["groups"] == {"exchanges": 16, "groups": 16, "train": 12, "heldout": 4}
+        assert "general-chat NLL/answer token: base" in status.text and "deploy: held-out NLL fell" in status.text
     finally:
         await engine.set_adapter(None)
     assert await answer(engine) == base
+
+
+async def test_an_adapter_that_ruins_general_chat_is_refused_and_the_served_one_stays(
+    app: Quill, engine: LocalEngine, tmp_path: Path
+) -> None:
+    """Every answer replaced by one fixed string, at a high learning rate: the held-out NLL falls
+    (its answers are that string too) but general chat gets much worse, so the regression check
+    refuses the adapter; the one served before stays. An admin can still deploy it, logged."""
+    quick_training(app, finetune_learning_rate=1e-2, finetune_heldout_fraction=1 / 3)
+    served = random_adapter(tmp_path / "served.gguf", seed=5, scale=0.05)
+    common = {"base_model": "m", "dataset_path": "d", "dataset_sha256": "s"}
+    with Session(app.memory.engine) as session:
+        session.add(FinetuneRun(status="deployed", adapter_path=str(served), **common))
+        session.commit()
+    await engine.set_adapter(served)
+    ruin = [(question, "Ask the Zorblax desk.") for question, _ in zorblax(12)]
+    data = finetune._write_dataset(pairs_to_examples(ruin), tmp_path / "ruin", 1 / 3, 4)
+    try:
+        lines = [line async for line in finetune.run_finetune(app.context, data)]
+        first, run = runs(app)
+        figures = json.loads(run.figures)
+        assert run.status == "rejected", lines
+        assert figures["heldout"]["adapter"] < figures["heldout"]["base"]  # the held-out check alone would pass it
+        assert figures["general"]["change"] > 0.05
+        assert "not deployed: general chat got worse: its NLL rose" in lines[-1]
+        assert (first.status, engine.adapter) == ("deployed", served.resolve())
+        assert Path(run.adapter_path).is_file()  # kept aside for inspection
+
+        status = await app.router.handle(user("/finetune status"))
+        assert "refused: general chat got worse" in status.text and "QUILL_FINETUNE_MAX_REGRESSION" in status.text
+        assert "train loss: 8 steps" in status.text
+        assert status.file is not None
+        with Image.open(status.file) as chart:
+            assert chart.format == "PNG" and chart.size == (760, 300)
+
+        reply = await app.router.handle(user(f"/finetune deploy {run.id}"))
+        assert reply.text.startswith(f"Run {run.id}'s adapter is served now, overruling the gate: general chat"), reply
+        assert engine.adapter == Path(run.adapter_path).resolve()
+        assert [r.status for r in runs(app)] == ["retired", "deployed"]
+        assert "deployed by an admin on" in runs(app)[1].note
+        assert (await app.router.handle(user("/finetune rollback"))).text.endswith("now serving run 1's adapter.")
+        assert engine.adapter == served.resolve()
+    finally:
+        await engine.set_adapter(None)
 
 
 @pytest.mark.parametrize(("n_head", "rows"), [(9, 576), (3, 192)])  # SmolLM2's q and k
