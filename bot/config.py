@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     finetune_min_examples: int = Field(default=8, ge=2)
     # Threads the training child process uses (it competes with replies for the CPU).
     finetune_threads: int = Field(default=1, ge=1)
+    # Eval gate: the held-out part needs at least this many groups of distinct questions
+    # (near-duplicates are grouped and never split), or nothing is deployed.
+    finetune_min_heldout_groups: int = Field(default=4, ge=1)
+    # Largest rise of the general-chat NLL (shipped set, bot/data/general_chat.jsonl) an adapter
+    # may cause and still be deployed, as a fraction (0.05 = 5 %).
+    finetune_max_regression: float = Field(default=0.05, ge=0)
+    # How many exchanges of the general set the gate measures (the first N; they alternate
+    # English and Chinese). Each costs about 0.5-0.9 s on 2 cores, for the adapter once per run.
+    finetune_general_sample: int = Field(default=64, ge=1)
     # --- Plugins (issue 3): Q&A, summarizer, translator, writing helper, moderation ---
     # Q&A: most sources cited per answer, and the tokens of retrieved text put in its prompt.
     qa_max_sources: int = Field(default=4, ge=1, le=20)

@@ -3,11 +3,14 @@
 1. People approve good answers (`/good` approves the latest; a Discord 👍 the answer it is on).
 2. `/finetune export` builds a chat-format JSONL dataset from approved exchanges in channels
    where fine-tuning is enabled (`/finetune enable`), with ids, emails and tokens scrubbed,
-   split into train and held-out files.
+   split into train and held-out files by groups of near-duplicate questions (never both sides).
 3. `/finetune train` trains a LoRA adapter in a child process (`python -m bot.train`; torch
    never enters the bot's process), streaming its steps and loss back as the reply.
-4. Eval gate: llama.cpp measures held-out NLL per answer token without and with the adapter;
-   only an improvement is deployed, through `engine.set_adapter` between requests.
+4. Eval gate: llama.cpp measures NLL per answer token without and with the adapter, on the
+   held-out part and on a shipped general-chat set; an adapter is deployed (`engine.set_adapter`,
+   between requests) only if the held-out part holds enough groups, its NLL fell, and general
+   chat got no more than QUILL_FINETUNE_MAX_REGRESSION worse. Every figure is kept with the run;
+   a refused adapter stays on disk, and `/finetune deploy RUN` serves it anyway (logged).
 5. The previous adapter is kept: `/finetune rollback` swaps back to it (or to the base model).
 
 A core plugin (bot/plugins.py CORE_PLUGINS): its commands reach the fine-tune tables directly.
@@ -23,6 +26,7 @@ import logging
 import random
 import re
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +43,9 @@ from bot.models import Approval, Conversation, FinetuneRun, Message, ScopeSettin
 log = logging.getLogger(__name__)
 
 ENABLED = "finetune.enabled"
+# The regression check's general-chat set, shipped with quill (written for it, English and Chinese).
+GENERAL_SET = Path(__file__).parent / "data" / "general_chat.jsonl"
+GENERAL_BASE_CACHE = "general-base-nll.json"  # the base model's figure on it, per model file
 CONTRIBUTORS = "contributors.json"  # per dataset: a contributor key per line of each part
 ERASED_NOTE = "trained on data of a since-erased user"
 EXTRA_PACKAGES = ("torch", "transformers", "peft", "gguf")
@@ -68,6 +75,100 @@ def scrub(text: str, user_ids: Sequence[str] = ()) -> str:
     return text
 
 
+# -- near-duplicate questions ------------------------------------------------------------------
+# Approving the same question twice (or with other punctuation, case, full-width forms, a
+# "please") must not put it on both sides of the split: the held-out loss would then measure
+# recall of a trained answer. Questions are compared by their content words (English) and
+# character bigrams (Chinese, Japanese, Korean), once function words are dropped.
+
+NEAR_DUPLICATE = 0.75  # Jaccard similarity of content tokens from which two questions are one
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN = re.compile(rf"(?P<cjk>[{_CJK}]+)|(?P<word>[^\W_{_CJK}]+)")
+_EN_STOP = (
+    "a an the i me my we our you your it its is are was were be been am do does did can could "
+    "would should will shall may might must how what why where when which who whom to of in on "
+    "at for from with by and or so if please pls hi hello hey thanks thank there this that these "
+    "those any some about just really tell explain"
+)
+_STOP_WORDS = frozenset(_EN_STOP.split())
+# Chinese function words and question phrasing, dropped from runs of CJK text (longest first).
+_ZH_STOP = (
+    "请问 请 如何 怎么样 怎么 怎样 为什么 什么 哪里 哪个 能不能 可不可以 可以 能否 应该 一下 我们 你们 "
+    "他们 我 你 您 他 她 它 的 地 得 了 吗 呢 吧 啊 呀 嘛 和 与 或"
+)
+_CJK_STOP_RE = re.compile("|".join(map(re.escape, sorted(_ZH_STOP.split(), key=len, reverse=True))))
+_TOKEN_TEXT = re.compile(r"[^\W_]+")
+
+
+def question_tokens(text: str) -> frozenset[str]:
+    """The content of a question as a set of tokens: width, case and punctuation folded,
+    function words dropped, English words singular-ish, CJK text as character bigrams."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    tokens: set[str] = set()
+    cjk = []  # spaces between Chinese words are incidental: its content is read as one run
+    for match in _TOKEN.finditer(text):
+        if word := match.group("word"):
+            if word not in _STOP_WORDS:
+                tokens.add(word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word)
+        else:
+            cjk.append(_CJK_STOP_RE.sub("", match.group("cjk")))
+    run = "".join(cjk)
+    tokens.update(run[i : i + 2] for i in range(len(run) - 1))
+    if len(run) == 1:
+        tokens.add(run)
+    # A question of function words only ("how are you?") is compared as a whole.
+    return frozenset(tokens) or frozenset({"".join(_TOKEN_TEXT.findall(text))})
+
+
+def group_questions(questions: Sequence[str]) -> list[list[int]]:
+    """Indexes of `questions` grouped so that near-duplicates (and their near-duplicates) share
+    a group; groups in order of their first question."""
+    token_sets = [question_tokens(q) for q in questions]
+    parent = list(range(len(questions)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[frozenset[str], int] = {}
+    distinct = []  # one index per distinct token set: exact duplicates cost nothing below
+    for i, tokens in enumerate(token_sets):
+        if tokens in first:
+            parent[i] = first[tokens]
+        else:
+            first[tokens] = i
+            distinct.append(i)
+    for n, i in enumerate(distinct):
+        for j in distinct[:n]:
+            a, b = token_sets[i], token_sets[j]
+            if len(a & b) >= NEAR_DUPLICATE * len(a | b):
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(questions)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def split_groups(groups: list[list[int]], heldout_fraction: float, min_heldout_groups: int) -> list[list[int]]:
+    """The groups to hold out: whole groups, drawn in a fixed order (the same data gives the same
+    split), until they hold `heldout_fraction` of the examples and `min_heldout_groups` groups,
+    leaving training at least as many groups; with too few groups for that, about half of them
+    (the eval gate then refuses to deploy: see `gate_problem`)."""
+    order = groups[:]
+    random.Random(0).shuffle(order)
+    target = max(1, round(sum(map(len, groups)) * heldout_fraction))
+    want = min_heldout_groups if len(groups) >= 2 * min_heldout_groups else len(groups) // 2
+    keep_for_training = max(1, want)
+    held: list[list[int]] = []
+    for group in order:
+        if len(held) >= len(groups) - keep_for_training or (len(held) >= want and sum(map(len, held)) >= target):
+            break
+        held.append(group)
+    return held
+
+
 class FinetuneError(Exception):
     """A fine-tune step that cannot go on; the message is fit to show a user."""
 
@@ -80,6 +181,15 @@ class Dataset:
     n_train: int
     n_heldout: int
     sha256: str
+    # Groups of near-duplicate questions in all, and in the held-out part.
+    n_groups: int = 0
+    n_heldout_groups: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_train} train, {self.n_heldout} held out; {self.n_groups} groups of distinct "
+            f"questions, {self.n_heldout_groups} of them held out"
+        )
 
 
 # -- approvals ------------------------------------------------------------------------------
@@ -165,12 +275,17 @@ def contributor_key(user_id: str) -> str:
     return hashlib.sha256(f"quill-contributor:{user_id}".encode()).hexdigest()[:32]
 
 
-def _write_dataset(examples: list[tuple[list[dict[str, str]], str]], folder: Path, heldout_fraction: float) -> Dataset:
+def _write_dataset(
+    examples: list[tuple[list[dict[str, str]], str]], folder: Path, heldout_fraction: float, min_heldout_groups: int
+) -> Dataset:
     folder.mkdir(parents=True, exist_ok=True)
-    shuffled = examples[:]
-    random.Random(0).shuffle(shuffled)  # a fixed split: the same data gives the same files
-    n_heldout = max(1, round(len(shuffled) * heldout_fraction))
-    parts = {"heldout": shuffled[:n_heldout], "train": shuffled[n_heldout:]}
+    groups = group_questions([messages[0]["content"] for messages, _ in examples])
+    held = split_groups(groups, heldout_fraction, min_heldout_groups)
+    heldout_rows = {i for group in held for i in group}
+    parts = {
+        "heldout": [e for i, e in enumerate(examples) if i in heldout_rows],
+        "train": [e for i, e in enumerate(examples) if i not in heldout_rows],
+    }
     digest = hashlib.sha256()
     for name, rows in parts.items():
         data = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m, _ in rows)
@@ -179,7 +294,8 @@ def _write_dataset(examples: list[tuple[list[dict[str, str]], str]], folder: Pat
     contributors = {name: [contributor_key(author) for _, author in rows] for name, rows in parts.items()}
     (folder / CONTRIBUTORS).write_text(json.dumps(contributors), encoding="utf-8")
     train, heldout = folder / "train.jsonl", folder / "heldout.jsonl"
-    return Dataset(folder, train, heldout, len(parts["train"]), n_heldout, digest.hexdigest())
+    n_train, n_heldout = len(parts["train"]), len(parts["heldout"])
+    return Dataset(folder, train, heldout, n_train, n_heldout, digest.hexdigest(), len(groups), len(held))
 
 
 async def export_dataset(ctx: PluginContext) -> Dataset:
@@ -192,7 +308,10 @@ async def export_dataset(ctx: PluginContext) -> Dataset:
         )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     folder = ctx.settings.data_dir / "finetune" / "datasets" / stamp
-    return await asyncio.to_thread(_write_dataset, examples, folder, ctx.settings.finetune_heldout_fraction)
+    s = ctx.settings
+    return await asyncio.to_thread(
+        _write_dataset, examples, folder, s.finetune_heldout_fraction, s.finetune_min_heldout_groups
+    )
 
 
 # -- runs -----------------------------------------------------------------------------------
@@ -204,6 +323,11 @@ def _runs(memory: Memory, *statuses: str) -> list[FinetuneRun]:
         if statuses:
             query = query.where(col(FinetuneRun.status).in_(statuses))
         return list(session.exec(query))
+
+
+def _run(memory: Memory, run_id: int) -> FinetuneRun | None:
+    with Session(memory.engine, expire_on_commit=False) as session:
+        return session.get(FinetuneRun, run_id)
 
 
 def _save(memory: Memory, *runs: FinetuneRun) -> None:
@@ -252,13 +376,53 @@ async def child(args: Sequence[str], log_path: Path) -> AsyncIterator[dict[str, 
         raise FinetuneError(f"The training process failed (exit {code}); see {log_path}.")
 
 
-async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | None = None) -> AsyncIterator[str]:
-    """Train (or, given `adapter`, only evaluate) and deploy if the held-out NLL improved.
+def gate_problem(dataset: Dataset, min_heldout_groups: int) -> str | None:
+    """Why `dataset` cannot judge an adapter (too few distinct questions to hold some out), or None."""
+    if dataset.n_heldout_groups >= min_heldout_groups:
+        return None
+    return (
+        f"too few distinct questions for a held-out check: {dataset.n_groups} group(s) among "
+        f"{dataset.n_train + dataset.n_heldout} approved exchanges (near-duplicates count once); the gate "
+        f"holds out {min_heldout_groups} and trains on at least as many, so approve answers to at least "
+        f"{2 * min_heldout_groups} different questions (QUILL_FINETUNE_MIN_HELDOUT_GROUPS)"
+    )
 
-    Yields progress lines; the run and its figures are recorded whatever the outcome."""
+
+def decide(figures: dict[str, Any], max_regression: float) -> tuple[bool, str]:
+    """The eval gate: deploy only if the held-out NLL fell and the general-chat NLL did not rise
+    by more than `max_regression` (a fraction)."""
+    held, general = figures["heldout"], figures["general"]
+    if held["adapter"] >= held["base"]:
+        return False, f"the held-out NLL did not improve ({held['base']:.3f} -> {held['adapter']:.3f})"
+    if general["change"] > max_regression:
+        return False, (
+            f"general chat got worse: its NLL rose {general['change']:+.1%} ({general['base']:.3f} -> "
+            f"{general['adapter']:.3f}), more than the {max_regression:.0%} allowed (QUILL_FINETUNE_MAX_REGRESSION)"
+        )
+    return True, (
+        f"held-out NLL fell {held['adapter'] / held['base'] - 1:+.1%}; general chat {general['change']:+.1%} "
+        f"(at most +{max_regression:.0%})"
+    )
+
+
+def figures_of(run: FinetuneRun) -> dict[str, Any]:
+    return json.loads(run.figures or "{}")
+
+
+async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | None = None) -> AsyncIterator[str]:
+    """Train (or, given `adapter`, only evaluate) and deploy if the eval gate says so.
+
+    Yields progress lines; the run and all its figures are recorded whatever the outcome."""
     s = ctx.settings
     folder = s.data_dir / "finetune" / "adapters"
     folder.mkdir(parents=True, exist_ok=True)
+    groups = {
+        "exchanges": dataset.n_train + dataset.n_heldout,
+        "groups": dataset.n_groups,
+        "train": dataset.n_groups - dataset.n_heldout_groups,
+        "heldout": dataset.n_heldout_groups,
+    }
+    figures: dict[str, Any] = {"groups": groups, "losses": []}
     run = FinetuneRun(
         status="training",
         base_model=str(s.model_path),
@@ -267,6 +431,13 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
         n_train=dataset.n_train,
         n_heldout=dataset.n_heldout,
     )
+    problem = gate_problem(dataset, s.finetune_min_heldout_groups)
+    if problem is not None:  # never trained: nothing could tell whether it helps
+        figures["decision"] = {"deploy": False, "reason": problem}
+        run.status, run.figures = "rejected", json.dumps(figures)
+        await asyncio.to_thread(_save, ctx.memory, run)
+        yield f"run {run.id}: {describe(run)}\n"
+        return
     await asyncio.to_thread(_save, ctx.memory, run)
     out = adapter or folder / f"run-{run.id}.gguf"
     run.adapter_path = str(out)
@@ -275,46 +446,100 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
         args[0] = "train"
         args += ["--train", str(dataset.train), "--rank", str(s.finetune_lora_rank)]
         args += ["--epochs", str(s.finetune_epochs), "--lr", str(s.finetune_learning_rate)]
-    args += ["--threads", str(s.finetune_threads)]
+    args += ["--general", str(GENERAL_SET), "--general-sample", str(s.finetune_general_sample)]
+    args += ["--base-cache", str(folder.parent / GENERAL_BASE_CACHE), "--threads", str(s.finetune_threads)]
     try:
         async for event in child(args, folder / f"run-{run.id}.log"):
             if event["event"] == "step":
+                figures["losses"].append(event["loss"])
                 yield f"step {event['step']}/{event['steps']}  loss {event['loss']:.3f}\n"
                 log.info("fine-tune run %s: %s", run.id, event)
             elif event["event"] == "start":
                 yield f"training on {dataset.n_train} exchanges, {event['steps']} steps\n"
             elif event["event"] == "eval":
-                run.nll_before, run.nll_after = event["before"], event["after"]
+                general = event["general"]
+                general["change"] = round(general["adapter"] / general["base"] - 1, 4)
+                figures.update(heldout=event["heldout"], general=general, eval_seconds=event["seconds"])
+                run.nll_before, run.nll_after = event["heldout"]["base"], event["heldout"]["adapter"]
     except BaseException as exc:
-        run.status, run.note = "failed", str(exc)
+        run.status, run.note, run.figures = "failed", str(exc), json.dumps(figures)
         await asyncio.to_thread(_save, ctx.memory, run)
         raise
-    if run.nll_before is None or run.nll_after is None:
+    if "heldout" not in figures:
         run.status, run.note = "failed", "no evaluation came back"
-    elif run.nll_after < run.nll_before:
-        current = await deployed(ctx.memory)
-        await ctx.engine.set_adapter(out)
-        run.status = "deployed"
-        if current is not None:
-            current.status = "retired"
-            await asyncio.to_thread(_save, ctx.memory, current)
     else:
-        run.status, run.note = "rejected", "held-out NLL did not improve"
+        deploy, reason = decide(figures, s.finetune_max_regression)
+        figures["decision"] = {"deploy": deploy, "reason": reason}
+        if deploy:
+            await _serve(ctx, run)
+        else:
+            run.status = "rejected"
+    run.figures = json.dumps(figures)
     await asyncio.to_thread(_save, ctx.memory, run)
     yield f"run {run.id}: {describe(run)}\n"
+
+
+async def _serve(ctx: PluginContext, run: FinetuneRun) -> None:
+    """Swap `run`'s adapter in; the one served before becomes the rollback target."""
+    current = await deployed(ctx.memory)
+    await ctx.engine.set_adapter(Path(run.adapter_path))
+    run.status = "deployed"
+    if current is not None and current.id != run.id:
+        current.status = "retired"
+        await asyncio.to_thread(_save, ctx.memory, current)
+
+
+async def deploy_anyway(ctx: PluginContext, run_id: int) -> str:
+    """Serve a refused run's adapter because an admin asked for it, and log that the gate was
+    overruled (the log, and the run's note that /finetune status shows)."""
+    run = await asyncio.to_thread(_run, ctx.memory, run_id)
+    if run is None:
+        raise FinetuneError(f"There is no fine-tune run {run_id}; /finetune status lists them.")
+    if run.status == "deployed":
+        return f"Run {run.id}'s adapter is already served."
+    if not run.adapter_path or not Path(run.adapter_path).is_file():
+        raise FinetuneError(f"Run {run.id} has no adapter file to deploy ({run.status}).")
+    reason = figures_of(run).get("decision", {}).get("reason", "no gate decision")
+    await _serve(ctx, run)
+    stamp = utcnow().strftime("%Y-%m-%d %H:%M UTC")
+    run.note = f"{run.note}; " * bool(run.note) + f"deployed by an admin on {stamp} despite the gate ({reason})"
+    await asyncio.to_thread(_save, ctx.memory, run)
+    log.warning("fine-tune run %s deployed explicitly by an admin, overruling the gate: %s", run.id, reason)
+    return f"Run {run.id}'s adapter is served now, overruling the gate: {reason}. /finetune rollback undoes it."
 
 
 def describe(run: FinetuneRun) -> str:
     figures = ""
     if run.nll_before is not None and run.nll_after is not None:
         figures = f", held-out NLL/token {run.nll_before:.3f} -> {run.nll_after:.3f}"
-    verdict = {
-        "deployed": "deployed (served now)",
-        "rejected": "not deployed: the held-out loss did not improve",
-    }.get(run.status, run.status)
-    note = f" ({run.note})" if run.note and (run.status == "failed" or ERASED_NOTE in run.note) else ""
+    reason = figures_of(run).get("decision", {}).get("reason", "")
+    verdict = {"deployed": "deployed (served now)", "rejected": f"not deployed: {reason}"}.get(run.status, run.status)
+    note = f" ({run.note})" if run.note else ""
     data = f"dataset {run.dataset_path} ({run.n_train} train, {run.n_heldout} held out)"
     return f"{verdict}{figures}; {data}{note}"
+
+
+def details(run: FinetuneRun) -> list[str]:
+    """Every figure of a run, one line each, for /finetune status."""
+    f = figures_of(run)
+    lines = []
+    if groups := f.get("groups"):
+        lines.append(
+            f"groups of distinct questions: {groups['groups']} among {groups['exchanges']} exchanges "
+            f"({groups['train']} train, {groups['heldout']} held out)"
+        )
+    if losses := f.get("losses"):
+        lines.append(f"train loss: {len(losses)} steps, {losses[0]:.3f} -> {losses[-1]:.3f} (lowest {min(losses):.3f})")
+    for key, name in (("heldout", "held-out"), ("general", "general-chat")):
+        if nll := f.get(key):
+            change = nll["adapter"] / nll["base"] - 1 if nll["base"] else 0.0
+            lines.append(
+                f"{name} NLL/answer token: base {nll['base']:.3f}, adapter {nll['adapter']:.3f} "
+                f"({change:+.1%}; {nll['examples']} exchanges)"
+            )
+    if decision := f.get("decision"):
+        lines.append(("deploy: " if decision["deploy"] else "refused: ") + decision["reason"])
+    return [f"  {line}" for line in lines]
 
 
 async def rollback(ctx: PluginContext) -> str:
@@ -336,11 +561,75 @@ async def rollback(ctx: PluginContext) -> str:
     )
 
 
+def chart(run: FinetuneRun, path: Path) -> Path | None:
+    """Draw a run's figures as a PNG (train loss per step; held-out and general NLL, base against
+    adapter) for people who would rather look than read; None when the run has no figures."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    f = figures_of(run)
+    losses: list[float] = f.get("losses", [])
+    bars = [(name, f[key]) for key, name in (("heldout", "held-out"), ("general", "general chat")) if key in f]
+    if not losses and not bars:
+        return None
+    width, height, pad = 760, 300, 36
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    verdict = "deployed" if f.get("decision", {}).get("deploy") else run.status
+    draw.text((pad, 8), f"fine-tune run {run.id}: {verdict}", fill="black", font=font)
+    # Left: train loss per step.
+    left, top, right, bottom = pad, pad, width // 2 - pad // 2, height - pad
+    draw.rectangle((left, top, right, bottom), outline="#999999")
+    draw.text((left, bottom + 6), f"train loss per step ({len(losses)} steps)", fill="black", font=font)
+    if losses:
+        high, low = max(losses), min(0.0, *losses)
+        span = high - low or 1.0
+        points = [
+            (left + (right - left) * i / max(len(losses) - 1, 1), bottom - (bottom - top) * (v - low) / span)
+            for i, v in enumerate(losses)
+        ]
+        draw.line(points if len(points) > 1 else points * 2, fill="#1f77b4", width=2)
+        draw.text((left + 4, top + 2), f"{high:.2f}", fill="#555555", font=font)
+        draw.text((right - 60, bottom - 14), f"last {losses[-1]:.2f}", fill="#555555", font=font)
+    # Right: NLL per answer token, base (grey) against adapter (green: better, red: worse).
+    left, right = width // 2 + pad // 2, width - pad
+    draw.rectangle((left, top, right, bottom), outline="#999999")
+    draw.text((left, bottom + 6), "NLL per answer token: base | adapter", fill="black", font=font)
+    scale = max([max(n["base"], n["adapter"]) for _, n in bars], default=1.0) or 1.0
+    slot = (right - left) / max(len(bars), 1)
+    for i, (name, nll) in enumerate(bars):
+        x = left + slot * i + slot * 0.15
+        bar = slot * 0.3
+        for j, (value, colour) in enumerate(
+            [(nll["base"], "#aaaaaa"), (nll["adapter"], "#2ca02c" if nll["adapter"] <= nll["base"] else "#d62728")]
+        ):
+            y = bottom - (bottom - top - 20) * value / scale
+            draw.rectangle((x + j * bar, y, x + (j + 1) * bar - 4, bottom), fill=colour)
+            draw.text((x + j * bar, y - 13), f"{value:.2f}", fill="black", font=font)
+        draw.text((x, top + 4), name, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+async def status(ctx: PluginContext) -> Reply:
+    """The last runs, every figure of the latest, and its chart."""
+    runs = await asyncio.to_thread(_runs, ctx.memory)
+    if not runs:
+        return Reply("No fine-tune runs yet. " + ("" if training_available() else HOW_TO_ENABLE))
+    lines = [f"run {runs[0].id}: {describe(runs[0])}", *details(runs[0])]
+    lines += [f"run {r.id}: {describe(r)}" for r in runs[1:5]]
+    if _training is not None and not _training.done():
+        lines.insert(0, "A training run is in progress.")
+    png = ctx.settings.data_dir / "finetune" / "charts" / f"run-{runs[0].id}.png"
+    return Reply("\n".join(lines), title="Fine-tuning", file=await asyncio.to_thread(chart, runs[0], png))
+
+
 # -- commands -------------------------------------------------------------------------------
 
 _training: asyncio.Task[None] | None = None  # one training run per process at a time
 
-FINETUNE_USAGE = "/finetune enable | disable | export | train | status | rollback"
+FINETUNE_USAGE = "/finetune enable | disable | export | train | status | rollback | deploy RUN"
 
 
 async def good(ctx: PluginContext, request: Request) -> Reply:
@@ -368,7 +657,7 @@ async def _progress(ctx: PluginContext, dataset: Dataset) -> AsyncIterator[str]:
             lines.put_nowait(None)
 
     _training = asyncio.create_task(train(), name="quill-finetune")
-    yield f"dataset {dataset.folder}: {dataset.n_train} train, {dataset.n_heldout} held out\n"
+    yield f"dataset {dataset.folder}: {dataset.summary()}\n"
     while (line := await lines.get()) is not None:
         yield line
 
@@ -384,17 +673,15 @@ async def finetune(ctx: PluginContext, request: Request) -> Reply:
             )
         if action == "export":
             data = await export_dataset(ctx)
-            return Reply(f"Exported {data.n_train} train, {data.n_heldout} held out to {data.folder}")
+            problem = gate_problem(data, ctx.settings.finetune_min_heldout_groups)
+            warning = f"\nThe eval gate would refuse it: {problem}." if problem else ""
+            return Reply(f"Exported {data.summary()}, to {data.folder}{warning}")
         if action == "status":
-            runs = await asyncio.to_thread(_runs, ctx.memory)
-            if not runs:
-                return Reply("No fine-tune runs yet. " + ("" if training_available() else HOW_TO_ENABLE))
-            lines = [f"run {r.id}: {describe(r)}" for r in runs[:5]]
-            if _training is not None and not _training.done():
-                lines.insert(0, "A training run is in progress.")
-            return Reply("\n".join(lines), title="Fine-tuning")
+            return await status(ctx)
         if action == "rollback":
             return Reply(await rollback(ctx))
+        if (deploy := re.fullmatch(r"deploy\s+(\d+)", action)) is not None:
+            return Reply(await deploy_anyway(ctx, int(deploy.group(1))))
         if action == "train":
             if not training_available():
                 return Reply(HOW_TO_ENABLE, failed=True)
@@ -409,6 +696,8 @@ async def finetune(ctx: PluginContext, request: Request) -> Reply:
                     f"{ctx.settings.finetune_min_examples} (QUILL_FINETUNE_MIN_EXAMPLES).",
                     failed=True,
                 )
+            if problem := gate_problem(data, ctx.settings.finetune_min_heldout_groups):
+                return Reply(f"Not training: {problem}.", failed=True)
             return Reply(stream=_progress(ctx, data), title="Fine-tuning")
     except FinetuneError as exc:
         return Reply(str(exc), failed=True)
@@ -455,9 +744,10 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "finetune",
-            "learn from approved answers: enable/disable this channel, export, train, status, rollback",
+            "learn from approved answers: enable/disable this channel, export, train, status, rollback, "
+            "deploy a refused run anyway",
             finetune,
-            usage="enable|disable|export|train|status|rollback",
+            usage="enable|disable|export|train|status|rollback|deploy RUN",
             admin=True,
         )
     )

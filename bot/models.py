@@ -105,8 +105,10 @@ class Approval(SQLModel, table=True):
 class FinetuneRun(SQLModel, table=True):
     """One training run: the dataset it learned from, its eval-gate figures and its fate.
 
-    status: training, failed, rejected (the gate said no), deployed (served now), retired
-    (replaced by a newer one; the rollback target), rolled_back."""
+    status: training, failed, rejected (the gate said no; its adapter is kept for inspection),
+    deployed (served now), retired (replaced by a newer one; the rollback target), rolled_back.
+    `figures` (JSON) keeps every figure of the run: train loss per step, held-out and general
+    NLL base against adapter, group counts, and the gate's decision with its reason."""
 
     __tablename__ = "finetune_run"
 
@@ -121,6 +123,7 @@ class FinetuneRun(SQLModel, table=True):
     nll_before: float | None = None
     nll_after: float | None = None
     note: str = Field(default="", sa_column=Column(Text, nullable=False))
+    figures: str = Field(default="{}", sa_column=Column(Text, nullable=False, server_default="{}"))
     created_at: datetime = _timestamp()
 
 

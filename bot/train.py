@@ -7,15 +7,15 @@ cores for minutes never blocks its event loop. Progress goes to stdout as JSON l
 Route (see README "Fine-tuning"): transformers loads the served GGUF itself (dequantized to
 fp32), PEFT trains LoRA on the answer tokens, the adapter is written as a GGUF LoRA with the
 `gguf` package (q/k rows permuted to llama.cpp's order) and served on the quantized file.
-The held-out loss is measured by llama.cpp, the code that will serve the adapter, so the eval
-gate judges what users will get. `eval` needs only llama-cpp-python (no torch).
+The held-out and general-chat losses are measured by llama.cpp, the code that will serve the
+adapter, so the eval gate judges what users will get. `eval` needs only llama-cpp-python (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -67,27 +67,36 @@ class Encoder:
         return tokens, n_prompt
 
 
-def heldout_nll(model: Path, adapter: Path | None, examples: Sequence[list[dict[str, str]]], threads: int) -> float:
-    """Mean negative log-likelihood per answer token of `examples`, computed by llama.cpp."""
+def answer_nll(
+    model: Path, adapter: Path | None, sets: Sequence[Sequence[list[dict[str, str]]]], threads: int
+) -> list[float]:
+    """Mean negative log-likelihood per answer token of each set of examples, computed by
+    llama.cpp with (or without) the adapter; the model is loaded once for all the sets."""
     from llama_cpp import Llama
 
     kwargs: dict[str, Any] = {"lora_path": str(adapter)} if adapter else {}
     llm = Llama(str(model), n_ctx=2048, logits_all=True, n_threads=threads, verbose=False, **kwargs)
     encode = Encoder(llm)
-    total, count = 0.0, 0
-    for messages in examples:
-        tokens, n_prompt = encode(messages)
-        tokens = tokens[: llm.n_ctx()]
-        llm.reset()
-        llm.eval(tokens)
-        logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
-        for pos in range(max(n_prompt, 1), len(tokens)):
-            row = logits[pos - 1]
-            top = row.max()
-            total += float(top + math.log(np.exp(row - top).sum()) - row[tokens[pos]])
-            count += 1
+    means = []
+    for examples in sets:
+        total, count = 0.0, 0
+        for messages in examples:
+            tokens, n_prompt = encode(messages)
+            tokens = tokens[: llm.n_ctx()]
+            start = max(n_prompt, 1)
+            if start >= len(tokens):
+                continue
+            llm.reset()
+            llm.eval(tokens)
+            # Row p-1 predicts token p: log-softmax at the answer's tokens.
+            rows = np.asarray(llm.scores[start - 1 : len(tokens) - 1], dtype=np.float64)
+            top = rows.max(axis=1)
+            lse = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+            total += float((lse - rows[np.arange(len(rows)), tokens[start:]]).sum())
+            count += len(rows)
+        means.append(total / max(count, 1))
     llm.close()
-    return total / max(count, 1)
+    return means
 
 
 def permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -190,11 +199,44 @@ def train(args: argparse.Namespace) -> Path:
     return args.out
 
 
+def _base_key(model: Path, examples: Sequence[list[dict[str, str]]]) -> str:
+    """What the base model's NLL on `examples` depends on: the model file and the examples."""
+    stat = model.stat()
+    digest = hashlib.sha256(f"{model.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps(list(examples), ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
 def evaluate(args: argparse.Namespace, adapter: Path) -> None:
+    """Held-out and general-chat NLL, base against adapter. The base's general figure is the
+    same for every run on one model, so it is kept in `--base-cache` and measured once."""
+    started = time.monotonic()
     heldout = read_jsonl(args.heldout)
-    before = heldout_nll(args.model, None, heldout, args.threads)
-    after = heldout_nll(args.model, adapter, heldout, args.threads)
-    emit(event="eval", before=round(before, 4), after=round(after, 4), examples=len(heldout))
+    general = read_jsonl(args.general)[: args.general_sample] if args.general else []
+    cache: dict[str, float] = {}
+    if args.base_cache and args.base_cache.is_file():
+        cache = json.loads(args.base_cache.read_text(encoding="utf-8"))
+    key = _base_key(args.model, general)
+    cached = key in cache
+    base_sets = [heldout] if cached else [heldout, general]
+    held_base, *general_base = answer_nll(args.model, None, base_sets, args.threads)
+    held_after, general_after = answer_nll(args.model, adapter, [heldout, general], args.threads)
+    general_before = cache[key] if cached else general_base[0]
+    if args.base_cache and not cached and general:
+        cache[key] = general_before
+        args.base_cache.parent.mkdir(parents=True, exist_ok=True)
+        args.base_cache.write_text(json.dumps(cache), encoding="utf-8")
+    emit(
+        event="eval",
+        heldout={"base": round(held_base, 4), "adapter": round(held_after, 4), "examples": len(heldout)},
+        general={
+            "base": round(general_before, 4),
+            "adapter": round(general_after, 4),
+            "examples": len(general),
+            "base_cached": cached,
+        },
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -203,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the served GGUF model")
     parser.add_argument("--train", type=Path, help="chat-format JSONL to learn from")
     parser.add_argument("--heldout", type=Path, required=True, help="chat-format JSONL for the eval gate")
+    parser.add_argument("--general", type=Path, help="chat-format JSONL of general chat (the regression check)")
+    parser.add_argument("--general-sample", type=int, default=64, help="how many of --general to measure")
+    parser.add_argument("--base-cache", type=Path, help="JSON file keeping the base model's general NLL")
     parser.add_argument("--out", type=Path, required=True, help="the GGUF adapter (written by train)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=4)

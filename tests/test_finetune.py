@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sqlmodel import Session, select
 
 from bot import finetune
@@ -119,8 +120,10 @@ async def test_good_approves_the_last_answer_and_export_keeps_enabled_approved_s
     await exchange(app, "question elsewhere", "answer elsewhere", channel="other")  # not enabled
 
     reply = await app.router.handle(user("/finetune export"))
-    assert reply.text.startswith("Exported 2 train, 1 held out to ")
-    folder = Path(reply.text.rsplit(" to ", 1)[1])
+    summary, warning = reply.text.split("\n")
+    assert summary.startswith("Exported 2 train, 1 held out; 3 groups of distinct questions, 1 of them held out, to ")
+    assert warning.startswith("The eval gate would refuse it: too few distinct questions")
+    folder = Path(summary.rsplit(" to ", 1)[1])
     rows = [
         json.loads(line)
         for name in ("train.jsonl", "heldout.jsonl")
@@ -177,9 +180,59 @@ async def test_a_missing_adapter_is_a_clear_error(engine: LocalEngine, tmp_path:
     assert await answer(engine) == await answer(engine)
 
 
+def pairs_to_examples(pairs: list[tuple[str, str]]) -> list[tuple[list[dict[str, str]], str]]:
+    return [([{"role": "user", "content": q}, {"role": "assistant", "content": a}], "4242") for q, a in pairs]
+
+
 async def dataset(app: Quill, tmp_path: Path) -> finetune.Dataset:
-    examples = [([{"role": "user", "content": q}, {"role": "assistant", "content": a}], "4242") for q, a in zorblax()]
-    return finetune._write_dataset(examples, tmp_path / "data", 0.25)
+    return finetune._write_dataset(pairs_to_examples(zorblax()), tmp_path / "data", 0.25, 4)
+
+
+QMARK, COMMA = "\uff1f", "\uff0c"  # full-width question mark and comma
+NEAR_DUPLICATES = [  # each list: one question asked several ways; none of them another's
+    ["How do I reset my password?", "how do i reset my password", "How can I reset my  PASSWORD??"],
+    [f"Zorblax 怎么部署{QMARK}", "zorblax如何部署", "ZORBLAX 部署"],
+    [f"如何重置密码{QMARK}", "我怎么重置我的密码", "怎么 重置 密码?", f"请问{COMMA}如何重置密码"],
+    [f"会议室在哪里预订{QMARK}", "会议室在哪里预订", f"请问会议室在哪里预订{QMARK}"],
+    ["\uff28\uff2f\uff37 \uff24\uff2f \uff29 \uff33\uff29\uff27\uff2e \uff35\uff30?", "How do I sign up?"],
+    ["How are you?", "how are you"],
+]
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.35, 0.5])
+def test_near_duplicate_questions_never_straddle_the_split(tmp_path: Path, fraction: float) -> None:
+    """English and Chinese near-duplicates (case, width, punctuation, spacing, function words)
+    land on one side; questions that differ in content (one template, another topic) do not merge."""
+    distinct = zorblax()  # one template, 16 topics: 16 different questions
+    pairs = [(q, f"answer {n}") for n, cluster in enumerate(NEAR_DUPLICATES) for q in cluster] + distinct
+    data = finetune._write_dataset(pairs_to_examples(pairs), tmp_path / "data", fraction, 4)
+    assert data.n_groups == len(NEAR_DUPLICATES) + len(distinct)
+    assert data.n_heldout_groups >= 4 and data.n_train + data.n_heldout == len(pairs)
+    held = {json.loads(line)["messages"][0]["content"] for line in data.heldout.read_text().splitlines()}
+    trained = {json.loads(line)["messages"][0]["content"] for line in data.train.read_text().splitlines()}
+    assert held and trained and not held & trained
+    for cluster in NEAR_DUPLICATES:
+        assert set(cluster) <= held or set(cluster) <= trained, cluster
+
+
+async def test_too_few_distinct_questions_are_never_trained_or_deployed(app: Quill, tmp_path: Path) -> None:
+    """Ten approvals of three questions: no held-out part worth the name, so no training and no
+    deployment, and both the command and the recorded run say why."""
+    asked = [q for cluster in NEAR_DUPLICATES[:3] for q in cluster][:10]
+    data = finetune._write_dataset(pairs_to_examples([(q, "the answer") for q in asked]), tmp_path / "d", 0.2, 4)
+    assert (data.n_groups, data.n_heldout_groups) == (3, 1)
+    lines = [line async for line in finetune.run_finetune(app.context, data)]
+    (run,) = runs(app)
+    assert run.status == "rejected" and run.adapter_path == ""
+    assert "not deployed: too few distinct questions for a held-out check: 3 group(s)" in lines[-1]
+    assert app.engine.adapter is None  # type: ignore[attr-defined]
+
+    await app.router.handle(user("/finetune enable"))
+    for question in asked:
+        await exchange(app, question, "the answer")
+    reply = await app.router.handle(user("/finetune train"))
+    assert reply.failed and reply.text.startswith("Not training: too few distinct questions"), reply.text
+    assert len(runs(app)) == 1
 
 
 async def test_the_gate_keeps_an_adapter_that_does_not_improve_out_of_service(app: Quill, tmp_path: Path) -> None:
@@ -232,13 +285,23 @@ async def test_rollback_returns_to_the_previous_adapter_then_to_the_base(
         await engine.set_adapter(None)
 
 
+def quick_training(app: Quill, **overrides: object) -> None:
+    """Tiny real training runs: rank 4, one epoch, 8 exchanges of the general set."""
+    values: dict[str, object] = {
+        "finetune_lora_rank": 4,
+        "finetune_epochs": 1,
+        "plugin_timeout": 1800,  # per progress line; a loaded machine steps slowly
+        "finetune_threads": 2,
+        "finetune_heldout_fraction": 0.25,
+        "finetune_general_sample": 8,
+    }
+    for name, value in {**values, **overrides}.items():
+        setattr(app.settings, name, value)
+
+
 async def test_training_improves_the_heldout_loss_and_is_served(app: Quill, engine: LocalEngine) -> None:
     """The whole loop for real: approvals -> /finetune train (child process) -> gate -> hot swap."""
-    app.settings.finetune_lora_rank = 4
-    app.settings.finetune_epochs = 1
-    app.settings.plugin_timeout = 1800  # per progress line; a loaded machine steps slowly
-    app.settings.finetune_threads = 2
-    app.settings.finetune_heldout_fraction = 0.25
+    quick_training(app)
     base = await cold(engine)
     await app.router.handle(user("/finetune enable"))
     for question, reply_text in zorblax():
@@ -255,9 +318,58 @@ async def test_training_improves_the_heldout_loss_and_is_served(app: Quill, engi
         assert await answer(engine) != base
         status = await app.router.handle(user("/finetune status"))
         assert f"run 1: deployed (served now), held-out NLL/token {run.nll_before:.3f}" in status.text
+        figures = json.loads(run.figures)
+        assert len(figures["losses"]) == 12 and figures["general"]["examples"] == 8
+        assert figures["general"]["change"] <= app.settings.finetune_max_regression
+        assert figures["groups"] == {"exchanges": 16, "groups": 16, "train": 12, "heldout": 4}
+        assert "general-chat NLL/answer token: base" in status.text and "deploy: held-out NLL fell" in status.text
     finally:
         await engine.set_adapter(None)
     assert await answer(engine) == base
+
+
+async def test_an_adapter_that_ruins_general_chat_is_refused_and_the_served_one_stays(
+    app: Quill, engine: LocalEngine, tmp_path: Path
+) -> None:
+    """Every answer replaced by one fixed string, at a high learning rate: the held-out NLL falls
+    (its answers are that string too) but general chat gets much worse, so the regression check
+    refuses the adapter; the one served before stays. An admin can still deploy it, logged."""
+    quick_training(app, finetune_learning_rate=1e-2, finetune_heldout_fraction=1 / 3)
+    served = random_adapter(tmp_path / "served.gguf", seed=5, scale=0.05)
+    common = {"base_model": "m", "dataset_path": "d", "dataset_sha256": "s"}
+    with Session(app.memory.engine) as session:
+        session.add(FinetuneRun(status="deployed", adapter_path=str(served), **common))
+        session.commit()
+    await engine.set_adapter(served)
+    ruin = [(question, "Ask the Zorblax desk.") for question, _ in zorblax(12)]
+    data = finetune._write_dataset(pairs_to_examples(ruin), tmp_path / "ruin", 1 / 3, 4)
+    try:
+        lines = [line async for line in finetune.run_finetune(app.context, data)]
+        first, run = runs(app)
+        figures = json.loads(run.figures)
+        assert run.status == "rejected", lines
+        assert figures["heldout"]["adapter"] < figures["heldout"]["base"]  # the held-out check alone would pass it
+        assert figures["general"]["change"] > 0.05
+        assert "not deployed: general chat got worse: its NLL rose" in lines[-1]
+        assert (first.status, engine.adapter) == ("deployed", served.resolve())
+        assert Path(run.adapter_path).is_file()  # kept aside for inspection
+
+        status = await app.router.handle(user("/finetune status"))
+        assert "refused: general chat got worse" in status.text and "QUILL_FINETUNE_MAX_REGRESSION" in status.text
+        assert "train loss: 8 steps" in status.text
+        assert status.file is not None
+        with Image.open(status.file) as chart:
+            assert chart.format == "PNG" and chart.size == (760, 300)
+
+        reply = await app.router.handle(user(f"/finetune deploy {run.id}"))
+        assert reply.text.startswith(f"Run {run.id}'s adapter is served now, overruling the gate: general chat"), reply
+        assert engine.adapter == Path(run.adapter_path).resolve()
+        assert [r.status for r in runs(app)] == ["retired", "deployed"]
+        assert "deployed by an admin on" in runs(app)[1].note
+        assert (await app.router.handle(user("/finetune rollback"))).text.endswith("now serving run 1's adapter.")
+        assert engine.adapter == served.resolve()
+    finally:
+        await engine.set_adapter(None)
 
 
 @pytest.mark.parametrize(("n_head", "rows"), [(9, 576), (3, 192)])  # SmolLM2's q and k
