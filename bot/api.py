@@ -324,6 +324,7 @@ class PluginContext:
             author_name=request.author_name,
             token_count=user_tokens,
             external_id=request.message_id,
+            reply_to=request.reply_to,
         )
         system_tokens = await self.engine.count_tokens(system_prompt) + MESSAGE_OVERHEAD_TOKENS
         budget = self.engine.n_ctx - options.max_tokens - system_tokens

@@ -123,15 +123,20 @@ def ask(
         raise typer.Exit(1)
 
 
+def open_memory(settings: Settings) -> Memory:
+    """The database (migrated to the newest revision), or one line and exit 1 when unusable."""
+    try:
+        return Memory.open(settings.db_url)
+    except StorageError as exc:
+        typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Bring the database schema to the newest revision (start-up does this too)."""
     settings = load_settings()
-    try:
-        memory = Memory.open(settings.db_url)
-    except StorageError as exc:
-        typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    memory = open_memory(settings)
     memory.close()
     for revision in memory.applied:
         typer.echo(f"applied {revision}")
@@ -157,11 +162,7 @@ def kb_import(
 ) -> None:
     """Import a docs folder into the knowledge base; run again to sync (unchanged files are skipped)."""
     settings = load_settings()
-    try:
-        memory = Memory.open(settings.db_url)
-    except StorageError as exc:
-        typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    memory = open_memory(settings)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
     ) as bar:

@@ -205,6 +205,7 @@ class Memory:
         author_name: str = "",
         token_count: int = 0,
         external_id: str | None = None,
+        reply_to: str | None = None,
     ) -> Message:
         """Store one turn; it is committed (durable) when this returns."""
         msg = Message(
@@ -215,6 +216,7 @@ class Memory:
             author_name=author_name,
             token_count=token_count,
             external_id=external_id,
+            reply_to=reply_to,
             terms=index_text(content),
         )
         with Session(self.engine, expire_on_commit=False) as session:

@@ -66,6 +66,9 @@ class Message(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     conversation_id: int = Field(foreign_key="conversation.id", index=True)
     external_id: str | None = Field(default=None, max_length=64, index=True)
+    # The transport's id of the message this one replies to (a Discord reply): the digest reads
+    # reply chains from it.
+    reply_to: str | None = Field(default=None, max_length=64)
     author_id: str = Field(max_length=64, index=True, sa_column_kwargs={"info": PERSONAL})
     author_name: str = Field(default="", max_length=100)
     role: str = Field(max_length=16)

@@ -127,15 +127,29 @@ TEAM_LOG = [
 ]
 
 
-async def seed_log(app: Quill, log: list[tuple[str, str]], channel: str = "team", **place: str) -> list[str]:
-    """People's messages, each with a transport id; returns the ids."""
+async def seed_log(
+    app: Quill,
+    log: list[tuple[str, str]],
+    channel: str = "team",
+    replies: dict[int, int] | None = None,
+    **place: str,
+) -> list[str]:
+    """People's messages, each with a transport id (and, per `replies`, the index of the message
+    it replies to, as the Discord transport stores it); returns the ids."""
     transport, guild = place.get("transport", "console"), place.get("guild", "")
     conv = await app.memory.conversation(transport, guild, channel)
-    ids = []
+    ids: list[str] = []
     for i, (author, text) in enumerate(log):
+        parent = (replies or {}).get(i)
         ids.append(str(5000 + i))
         await app.memory.add_message(
-            conv.id, role="user", content=text, author_id=author, author_name=author, external_id=ids[-1]
+            conv.id,
+            role="user",
+            content=text,
+            author_id=author,
+            author_name=author,
+            external_id=ids[-1],
+            reply_to=ids[parent] if parent is not None else None,
         )
     return ids
 
@@ -168,11 +182,8 @@ async def test_a_discord_reply_answers_a_question_and_threads_link_to_their_star
         ("ada", "登录页面又挂了，用户在投诉，很糟糕。"),
         ("bob", "I hate this, the third login outage this month."),
     ]
-    ids = await seed_log(app, log, channel="111", transport="discord", guild="9")
     replies = {1: 0, 3: 2, 4: 2, 5: 2}  # message index -> the index it replies to
-    for i, parent in replies.items():
-        request = Request("discord", "111", log[i][0], log[i][1], guild_id="9", message_id=ids[i], reply_to=ids[parent])
-        await app.router.observe(request)
+    ids = await seed_log(app, log, channel="111", replies=replies, transport="discord", guild="9")
     reply = await app.router.handle(asking("/digest", channel="111", transport="discord", guild="9"))
     assert "on-call" not in section(reply.text, "Open questions")
     link = f"https://discord.com/channels/9/111/{ids[2]}"

@@ -231,8 +231,9 @@ async def test_replying_to_the_bot_addresses_it_and_replying_to_people_does_not(
     assert len(await bot_messages(bot, general)) == 2
     history = await stored(app, str(general.guild.id), str(general.id))
     assert [m.content for m in history] == ["lunch at noon?", "sure, see you there"]
-    # Plugins learn which message a reply answers (the digest's reply chains).
+    # Plugins learn which message a reply answers, and it is stored (the digest's reply chains).
     assert probe.observed[-1].reply_to == str(chatter.id) and probe.observed[-2].reply_to is None
+    assert [m.reply_to for m in history] == [None, str(chatter.id)]
 
 
 async def test_unaddressed_messages_are_stored_as_history_and_shown_to_observers(

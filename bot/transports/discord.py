@@ -435,6 +435,7 @@ class QuillClientMixin:
             author_name=request.author_name,
             token_count=await self.app.engine.count_tokens(request.text),
             external_id=request.message_id,
+            reply_to=request.reply_to,
         )
 
     async def _post_observed(self, message: discord.Message, reply: Reply) -> None:

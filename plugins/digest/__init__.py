@@ -10,7 +10,7 @@ the period since the one before.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,22 +26,6 @@ TOP = 3
 LIST_LIMIT = 8
 MOOD_DEFAULT_HOURS = 24
 MOOD_MAX_HOURS = 24 * 31
-# Reply links seen on Discord (message id -> the id it replies to), newest kept: the digest
-# reads reply chains from them. Kept in memory: after a restart, or for messages another
-# process saw, open questions fall back to the later messages alone.
-MAX_REPLY_LINKS = 200_000
-_replies: OrderedDict[str, str] = OrderedDict()
-
-
-@hookimpl
-def on_message(context: PluginContext, request: Request) -> None:
-    """Remember which message a Discord reply answers."""
-    if request.message_id and request.reply_to:
-        _replies[request.message_id] = request.reply_to
-        while len(_replies) > MAX_REPLY_LINKS:
-            _replies.popitem(last=False)
-
-
 def _link(place: Place, channel_id: str, message_id: str | None) -> str:
     """A jump link where the transport has them (Discord), else the channel's name."""
     if place.transport == "discord" and message_id and place.guild_id:
@@ -80,7 +64,7 @@ async def people_said(ctx: PluginContext, rows: Sequence[tuple[str, Any]]) -> li
             at=m.created_at,
             channel=channel,
             external_id=m.external_id,
-            reply_to=_replies.get(m.external_id) if m.external_id else None,
+            reply_to=m.reply_to,
             mood=label,
         )
         for (channel, m), label in zip(people, labels, strict=True)
