@@ -214,7 +214,9 @@ class Summarizer:
 
 def checked(summary: BaseModel | str, sources: list[str], stats: Stats) -> list[tuple[str, Point]]:
     """(section title, point) for each point that cites messages supporting it. `sources` are the
-    message texts by number (1-based); a plain-notes fallback counts only lines citing `[n]`."""
+    message texts by number (1-based), "" for the bot's own answers: a point resting on what the
+    model said before is the model's word, not the team's. A plain-notes fallback counts only
+    lines citing `[n]`."""
     proposed: list[tuple[str, Point]] = []
     if isinstance(summary, str):
         for line in summary.splitlines():
@@ -272,7 +274,8 @@ async def cited_summary(ctx: PluginContext, place: Place, messages: list[Any]) -
     """The summary of stored messages, rendered with its checked points; also the points."""
     summarizer = Summarizer(ctx)
     summary = await summarizer.run(log_lines(messages))
-    points = checked(summary, [m.content for m in messages], summarizer.stats)
+    people = [m.content if m.role == "user" else "" for m in messages]
+    points = checked(summary, people, summarizer.stats)
     sources = [quote(m.content, m.author_name or m.author_id, message_link(place, m.external_id)) for m in messages]
     return render(points, summarizer.stats, sources), points
 

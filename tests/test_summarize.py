@@ -213,3 +213,22 @@ def test_points_citing_no_message_or_unsupported_ones_are_dropped() -> None:
     assert "- The 2.3 release shipped [1]" in text and "- 下周一开始迁移数据库 [3]" in text
     assert "**Sources**\n[1] “We shipped the 2.3 release today, great work everyone!” — ada" in text
     assert "Budget" not in text and "预算" not in text and "4 unsupported point(s) dropped" in text
+
+
+def test_a_point_resting_only_on_the_bots_own_answers_is_dropped() -> None:
+    """Seen on the default model: "I'm glad to have you all here. [2][4]" echoed its own earlier
+    answers, which the summarizer numbers like everyone's messages but must not count as support."""
+    sources = ["The login page is broken again.", "", "登录页面又挂了。"]  # [2] is the bot's answer
+    Summary = summary_model(5)
+    summary = Summary(
+        key_points=[
+            Point(text="I'm glad to have you all here", ids=[2]),
+            Point(text="The login page broke", ids=[1, 2]),
+        ],
+        decisions=[],
+        open_questions=[Point(text="登录页面又挂了吗", ids=[2])],
+        who_said_what=[],
+    )
+    stats = Stats()
+    assert [p.text for _, p in checked(summary, sources, stats)] == ["The login page broke"]
+    assert (stats.proposed, stats.dropped) == (3, 2)
