@@ -10,8 +10,9 @@ import logging
 from bot import finetune, privacy
 from bot.api import PluginContext
 from bot.config import Settings
-from bot.embedder import Embedder, EmbedderError
+from bot.embedder import Embedder, EmbedderError, ServerEmbedder
 from bot.engine import Engine, ModelLoadError, start_engine
+from bot.engine.openai import OpenAIEngine
 from bot.memory import Memory
 from bot.plugins import make_plugin_manager
 from bot.prompts import PromptLoader
@@ -44,19 +45,25 @@ class Quill:
         """Open the database, the embedder (when on), then the engine backend; each fails with one
         clear message."""
         memory = await asyncio.to_thread(Memory.open, settings.db_url)
+        local = settings.embeddings is True
         try:
-            semantic = await start_semantic(settings) if settings.embeddings else None
+            semantic = await start_semantic(settings) if local else None
         except BaseException:
             memory.close()
             raise
-        if engine is None:
-            try:
+        owned = engine is None
+        try:
+            if engine is None:
                 engine = await start_engine(settings)
-            except BaseException:
-                memory.close()
-                if semantic is not None:
-                    await asyncio.to_thread(semantic.embedder.close)
-                raise
+            if settings.embeddings == "server":  # needs the engine's server
+                semantic = await start_semantic(settings, engine)
+        except BaseException:
+            memory.close()
+            if semantic is not None:
+                await asyncio.to_thread(semantic.embedder.close)
+            if owned and engine is not None:
+                await engine.close()
+            raise
         quill = cls(settings, engine, memory, semantic)
         if semantic is not None:  # new rows, and all of them after a change of embedder
             quill._embedding = asyncio.create_task(quill.context.search.keep_embedded(), name="quill-embedding")
@@ -79,11 +86,18 @@ class Quill:
         self.memory.close()
 
 
-async def start_semantic(settings: Settings) -> Semantic:
-    """The embedder (its GGUF built into the data folder on first use) and the fusion settings."""
+async def start_semantic(settings: Settings, engine: Engine | None = None) -> Semantic:
+    """The embedder (its GGUF built into the data folder on first use, or the server's, given
+    its `engine`) and the fusion settings."""
+    embedder: Embedder | ServerEmbedder
     try:
-        path = await asyncio.to_thread(Embedder.resolve_path, settings.embedding_model_path, settings.data_dir)
-        embedder = Embedder(path, settings.n_threads)
+        if engine is not None:
+            if not isinstance(engine, OpenAIEngine):
+                raise EmbedderError("QUILL_EMBEDDINGS=server needs QUILL_ENGINE_BACKEND=openai")
+            embedder = ServerEmbedder(engine)
+        else:
+            path = await asyncio.to_thread(Embedder.resolve_path, settings.embedding_model_path, settings.data_dir)
+            embedder = Embedder(path, settings.n_threads)
         await embedder.start()
     except (EmbedderError, OSError, ImportError) as exc:  # ImportError: the semantic extra is missing
         raise ModelLoadError(f"semantic search (QUILL_EMBEDDINGS) is on, but {exc}") from exc

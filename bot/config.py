@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = None
     # Model name sent with every request; empty: the first model the server lists.
     openai_model: str = ""
+    # Model name sent to /v1/embeddings (QUILL_EMBEDDINGS=server); empty: QUILL_OPENAI_MODEL's.
+    openai_embedding_model: str = ""
     # Seconds to wait for the server to connect or send the next piece of a reply.
     openai_timeout: float = Field(default=120.0, gt=0)
     # Retries (with exponential backoff) on HTTP 429/502/503/504 and refused connections.
@@ -132,9 +134,10 @@ class Settings(BaseSettings):
     # a hit needs; below it the answer is "nothing found" and the model is not asked. Chosen with
     # bench/retrieval.py on the shipped evaluation set.
     qa_min_relevance: float = Field(default=0.4, ge=0.0, le=1.0)
-    # Semantic search (bot/embedder.py): off by default; on, the packaged all-MiniLM-L6-v2 (English)
-    # is turned into a GGUF in the data folder at first use, or QUILL_EMBEDDING_MODEL_PATH is used.
-    embeddings: bool = False
+    # Semantic search (bot/embedder.py): off by default; true: the packaged all-MiniLM-L6-v2 (English)
+    # is turned into a GGUF in the data folder at first use, or QUILL_EMBEDDING_MODEL_PATH is used;
+    # "server" (QUILL_ENGINE_BACKEND=openai): the server's /v1/embeddings, QUILL_OPENAI_EMBEDDING_MODEL.
+    embeddings: bool | Literal["server"] = False
     embedding_model_path: Path | None = None
     # Weight of the semantic score per question language ("zh": CJK script, else "en"); MiniLM knows
     # English only, so Chinese questions stay lexical unless a multilingual embedder is set.

@@ -6,6 +6,7 @@ of it into the data folder (`embedders/`) with the `gguf` package's GGUFWriter: 
 download. `QUILL_EMBEDDING_MODEL_PATH` points at a team's own GGUF embedder instead (e.g. a
 multilingual one). llama-cpp-python runs it with `embedding=True` in one worker thread of its
 own, so embedding never blocks the event loop nor competes with the chat engine's thread.
+With QUILL_ENGINE_BACKEND=openai, `ServerEmbedder` asks the inference server instead.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from bot.engine import EngineError
+from bot.engine.openai import EMBEDDINGS_HINT
+
+if TYPE_CHECKING:
+    from bot.engine.openai import OpenAIEngine
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +193,45 @@ class Embedder:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._llm = None
+
+
+class ServerEmbedder:
+    """The inference server's /v1/embeddings (QUILL_EMBEDDINGS=server) behind the same face as
+    `Embedder`: its vectors record the server's URL and model, so a change of either re-embeds.
+    The HTTP calls run on the event loop (httpx is async); the search's DB thread waits on them
+    there, so nothing blocks the loop."""
+
+    def __init__(self, engine: OpenAIEngine) -> None:
+        self.engine = engine
+        self.model_id = ""
+        self.dim = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Check that the server serves embeddings and learn their size."""
+        if "embeddings" not in self.engine.features:
+            raise EmbedderError(
+                f"the server at {self.engine.base_url} does not serve embeddings with model "
+                f"{self.engine.embedding_model!r} (QUILL_OPENAI_EMBEDDING_MODEL): {EMBEDDINGS_HINT}"
+            )
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.dim = len((await self.embed(["probe"]))[0])
+        except EngineError as exc:
+            raise EmbedderError(str(exc)) from exc
+        self.model_id = f"{self.engine.base_url}:{self.engine.embedding_model}"
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of `texts` (one row each); an EngineError when the server fails."""
+        rows = np.asarray(await self.engine.embed([t if t.strip() else " " for t in texts]), dtype=np.float32)
+        rows = rows.reshape(len(texts), -1)
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        return rows / np.where(norms > 0, norms, 1.0)
+
+    def embed_blocking(self, texts: Sequence[str]) -> np.ndarray:
+        """The same from a worker thread (the search's DB thread), waiting on the loop."""
+        assert self._loop is not None, "ServerEmbedder.start() first"
+        return asyncio.run_coroutine_threadsafe(self.embed(list(texts)), self._loop).result()
+
+    def close(self) -> None:
+        """The engine owns the connection."""

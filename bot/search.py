@@ -29,12 +29,13 @@ from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from bot.engine import EngineError
 from bot.memory import StorageError, _off_loop
 from bot.models import KnowledgeChunk, KnowledgeDoc, UTCDateTime, utcnow
 from bot.textindex import index_text, language, query_terms, terms
 
 if TYPE_CHECKING:
-    from bot.embedder import Embedder
+    from bot.embedder import Embedder, ServerEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def best_quote(passage: str, q_terms: Sequence[str]) -> str:
 class Semantic:
     """An embedder and how its scores join the lexical ones (QUILL_EMBEDDING_* settings)."""
 
-    embedder: Embedder
+    embedder: Embedder | ServerEmbedder
     weights: Mapping[str, float]  # per question language
     min_similarity: float  # the cosine that counts as relevant as `floor`
     floor: float  # QUILL_QA_MIN_RELEVANCE
@@ -326,10 +327,11 @@ class Search:
                 message_rows = list(conn.execute(text(messages_sql).columns(created_at=UTCDateTime()), values))
             doc_cos: dict[int, float] = {}
             message_cos: dict[int, float] = {}
-            if weight:
+            qvec = self._question_vector(question) if weight else None
+            weight = weight if qvec is not None else 0.0
+            if qvec is not None:
                 assert self.semantic is not None
                 values["m"] = self.semantic.embedder.model_id
-                qvec = self.semantic.embedder.embed_blocking([question])[0]
                 doc_cos = self._nearest(conn, "chunk_vector", _DOC_VECTORS, values, qvec)
                 message_cos = self._nearest(conn, "message_vector", _MESSAGE_VECTORS, values, qvec)
                 doc_rows += _rows(conn, _DOC_BY_ID, set(doc_cos) - {r.id for r in doc_rows})
@@ -389,6 +391,15 @@ class Search:
         cosines = matrix @ qvec
         best = np.argsort(-cosines)[:SEMANTIC_CANDIDATES]
         return {int(ids[i]): float(cosines[i]) for i in best}
+
+    def _question_vector(self, question: str) -> np.ndarray | None:
+        """The question's vector; None (lexical only, logged) when the embedding server fails."""
+        assert self.semantic is not None
+        try:
+            return self.semantic.embedder.embed_blocking([question])[0]
+        except EngineError as exc:
+            log.warning("semantic search skipped, lexical only: %s", exc)
+            return None
 
     def _weight(self, question: str) -> float:
         """The semantic score's weight for this question's language (0: lexical only)."""
@@ -464,7 +475,8 @@ class Search:
         while True:
             try:
                 done, left = await self.embed_pending()
-            except (StorageError, IntegrityError) as exc:  # a row deleted meanwhile; the next round retries
+            # A row deleted meanwhile, or the embedding server failing: the next round retries.
+            except (StorageError, IntegrityError, EngineError) as exc:
                 log.warning("embedding paused: %s", exc)
                 done, left = 0, 0
             if done:

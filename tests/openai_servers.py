@@ -32,7 +32,11 @@ class LlamaCppServer:
     `--interrupt_requests false`: by default that server cuts a running stream short whenever
     another request arrives, which a bot serving several people must not allow."""
 
-    def __init__(self, log_path: Path, *, embedding: bool = False, n_ctx: int = 2048) -> None:
+    def __init__(
+        self, log_path: Path, *, embedding: bool = False, n_ctx: int = 2048, models: list[dict[str, Any]] | None = None
+    ) -> None:
+        """`models`: several models by alias (its config file's entries; the first is the
+        default), loaded in turn as requests name them; else the embedded model alone."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
@@ -44,6 +48,11 @@ class LlamaCppServer:
             "--interrupt_requests", "false",
             "--embedding", str(embedding).lower(),
         ]  # fmt: skip
+        if models is not None:
+            config = log_path.with_suffix(".json")
+            server = {"host": "127.0.0.1", "port": self.port, "interrupt_requests": False}
+            config.write_text(json.dumps({**server, "models": [{"n_threads": 2, **m} for m in models]}))
+            self.args = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config)]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:

@@ -102,6 +102,7 @@ class OpenAIEngine:
         self.n_ctx = settings.n_ctx
         self.features: frozenset[str] = frozenset()
         self.model = settings.openai_model
+        self.embedding_model = settings.openai_embedding_model  # empty: `model`, once known
         self.base_url = settings.openai_base_url.rstrip("/")
         self.root_url = self.base_url.removesuffix("/v1")
         # How errors name the server: users see these, admins recognise the URL.
@@ -165,6 +166,7 @@ class OpenAIEngine:
                 f"The inference server at {self.base_url} has no model {self.model!r} "
                 f"(QUILL_OPENAI_MODEL); it serves: {', '.join(names)}."
             )
+        self.embedding_model = self.embedding_model or self.model
         # vLLM reports the context it serves with; llama-server reports it in /props.
         served = next((m for m in models if str(m.get("id")) == self.model), {})
         n_ctx = served.get("max_model_len")
@@ -525,7 +527,7 @@ class OpenAIEngine:
         if self._embed_one_by_one and len(texts) > 1:
             return [vector for text in texts for vector in await self._embed([text], retries)]
         body = await self._post_json(
-            f"{self.base_url}/embeddings", {"model": self.model, "input": list(texts)}, retries=retries
+            f"{self.base_url}/embeddings", {"model": self.embedding_model, "input": list(texts)}, retries=retries
         )
         try:
             rows = sorted(body["data"], key=lambda row: row.get("index", 0))
