@@ -141,6 +141,8 @@ class Hit:
     author: str = ""
     channel_id: str = ""
     created_at: datetime | None = None
+    doc_id: int = 0  # a passage's document and place in it: its neighbours (`Search.neighbours`)
+    position: int = 0
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,8 @@ class Search:
                 name=s.row.name,
                 heading=s.row.heading,
                 quote=best_quote(s.row.content, q_terms),
+                doc_id=s.row.doc_id,
+                position=s.row.position,
             )
             for s in docs
         ]
@@ -363,6 +367,22 @@ class Search:
             for s in messages
         ]
         return relevant(_interleave(doc_hits, message_hits), min_relevance)[:limit]
+
+    @_off_loop
+    def neighbours(self, hits: Sequence[Hit]) -> list[tuple[str, str]]:
+        """(passage before, passage after) each document hit in its document ("" at its ends,
+        for a message, or where that passage is itself one of `hits`): context for the model."""
+        cited = {(h.doc_id, h.position) for h in hits if h.kind == "doc"}
+        query = text("SELECT position, content FROM knowledge_chunk WHERE doc_id = :d AND position IN (:b, :a)")
+        around: list[tuple[str, str]] = []
+        with self.engine.connect() as conn:
+            for hit in hits:
+                found: dict[int, str] = {}
+                if hit.kind == "doc":
+                    rows = conn.execute(query, {"d": hit.doc_id, "b": hit.position - 1, "a": hit.position + 1})
+                    found = {p: c for p, c in rows if (hit.doc_id, p) not in cited}
+                around.append((found.get(hit.position - 1, ""), found.get(hit.position + 1, "")))
+        return around
 
     def _nearest(
         self, conn: Connection, table: str, sql: str, values: dict[str, Any], qvec: np.ndarray
@@ -569,7 +589,7 @@ _MESSAGE_SCOPE = (
     "WHERE v.transport = :t AND v.guild_id = :g AND (:g != '' OR v.channel_id = :c) AND m.role = 'user'"
 )
 _MESSAGE_COLUMNS = "m.id, m.external_id, m.author_id, m.author_name, m.content, m.terms, m.created_at, v.channel_id"
-_DOC_COLUMNS = "c.id, c.content, c.terms, c.heading, d.name"
+_DOC_COLUMNS = "c.id, c.content, c.terms, c.heading, c.doc_id, c.position, d.name"
 _DOC_SCOPE = "d.transport = :t AND d.guild_id = :g AND d.channel_id = :s"
 
 _DOC_BY_ID = f"SELECT {_DOC_COLUMNS} FROM knowledge_chunk c JOIN knowledge_doc d ON d.id = c.doc_id WHERE c.id IN :ids"

@@ -37,16 +37,36 @@ def source_label(hit: Hit, transport: str, guild_id: str) -> str:
 
 
 async def fit_sources(ctx: PluginContext, hits: list[Hit]) -> list[str]:
-    """Each hit's text, cut so that all of them together stay within QUILL_QA_SOURCE_TOKENS."""
+    """Each hit's text, cut so that all of them together stay within QUILL_QA_SOURCE_TOKENS,
+    then with the passages beside it in its document where the tokens left allow."""
     budget = ctx.settings.qa_source_tokens // len(hits)
-    texts = []
+    texts, used = [], 0
     for hit in hits:
         body = hit.text
         tokens = await ctx.engine.count_tokens(body)
         if tokens > budget:  # cut proportionally; a cut passage is still a quotable excerpt
             body = body[: max(1, len(body) * budget // tokens)].rstrip() + " …"
         texts.append(body)
-    return texts
+        used += min(tokens, budget)
+    return await with_neighbours(ctx, hits, texts, ctx.settings.qa_source_tokens - used)
+
+
+async def with_neighbours(ctx: PluginContext, hits: list[Hit], texts: list[str], left: int) -> list[str]:
+    """Each source's text with the whole passage before and after it in its document, best
+    hits first, each one only if it fits in the `left` tokens, so the model reads what leads up
+    to a hit and follows it. They join the source's text (the document it cites), not the list
+    of citations."""
+    around = await ctx.search.neighbours(hits)
+    joined = []
+    for body, (before, after) in zip(texts, around, strict=True):
+        parts = [body]
+        for side, first in ((before, True), (after, False)):
+            tokens = await ctx.engine.count_tokens(side)  # 0 for "" (no such passage)
+            if side and tokens <= left:
+                left -= tokens
+                parts.insert(0 if first else len(parts), side)
+        joined.append("\n\n".join(parts))
+    return joined
 
 
 async def ask(ctx: PluginContext, request: Request) -> Reply:

@@ -11,7 +11,7 @@ from bot.api import Request
 from bot.app import Quill
 from bot.search import split_passages
 from bot.textindex import query_terms
-from plugins.qa import NOTHING_FOUND
+from plugins.qa import NOTHING_FOUND, fit_sources
 from tests.test_router import read
 
 GUIDE = """# Deploying
@@ -258,3 +258,39 @@ def test_upgrade_reindexes_existing_documents_and_messages_in_place(db_url: str)
     (hit,) = asyncio.run(search.search("部署脚本放在哪里？", "discord", "g1", "c1", 4, min_relevance=0.4))
     assert hit.message_id == "m1"
     engine.dispose()
+
+
+ONBOARDING = """# Onboarding
+
+## Laptops
+
+Every newcomer gets a laptop on the first morning; IT sets up disk encryption and the VPN before lunch.
+
+## Badges
+
+Badges for the zebrafish lab are printed at the front desk.
+
+## 门禁
+
+新员工的门禁卡在第一周内由前台发放，丢失后请立即报告安全部门。"""
+
+
+async def test_passages_beside_a_hit_join_its_source_when_they_fit(app: Quill) -> None:
+    await say(app, f"/kb-add name:onboarding {ONBOARDING}")
+    search, settings = app.context.search, app.settings
+    hits = await search.search("Where are zebrafish lab badges printed?", "discord", "g1", "help", 4, min_relevance=0.4)
+    assert [h.heading for h in hits] == ["Badges"]
+    ((before, after),) = await search.neighbours(hits)
+    assert "laptop" in before and "门禁卡" in after
+    hit, laptops, door = [await app.engine.count_tokens(t) for t in (hits[0].text, before, after)]
+    settings.qa_source_tokens = hit + laptops + door  # room for both: in document order
+    assert await fit_sources(app.context, hits) == [f"{before}\n\n{hits[0].text}\n\n{after}"]
+    settings.qa_source_tokens = hit + laptops + door - 1  # the one after no longer fits
+    assert await fit_sources(app.context, hits) == [f"{before}\n\n{hits[0].text}"]
+    settings.qa_source_tokens = hit + min(laptops, door) - 1  # neither fits: the hit alone
+    assert await fit_sources(app.context, hits) == [hits[0].text]
+    settings.qa_source_tokens = 4096  # context for the model, not another citation
+    _, _, sources = (await say(app, "/ask Where are zebrafish lab badges printed?")).partition("\n\nSources:\n")
+    assert sources.splitlines() == [
+        "[1] document “onboarding” › Badges: “Badges for the zebrafish lab are printed at the front desk.”"
+    ]
