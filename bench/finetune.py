@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bot.config import Settings, embedded_model_path
-from bot.finetune import GENERAL_SET, decide
+from bot.builtin.finetune import GENERAL_SET, FinetuneSettings, decide
+from bot.config import embedded_model_path
 
 # One fact a line, in two wordings: {"train": [question, answer], "heldout": [question, answer]}.
 FACTS = Path(__file__).with_name("finetune_facts.jsonl")
@@ -36,10 +36,10 @@ def write(path: Path, pairs: list[list[str]]) -> Path:
 
 
 def child(args: list[str]) -> list[dict[str, Any]]:
-    """Run `python -m bot.train ARGS`, printing its steps; returns its events."""
+    """Run `python -m bot.builtin.train ARGS`, printing its steps; returns its events."""
     started = time.monotonic()
     events = []
-    command = [sys.executable, "-m", "bot.train", *args]
+    command = [sys.executable, "-m", "bot.builtin.train", *args]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -51,7 +51,7 @@ def child(args: list[str]) -> list[dict[str, Any]]:
             elif event["event"] == "step":
                 print(f"step {event['step']}/{event['steps']} loss {event['loss']}  ({event['at']:.1f} s)")
     if proc.returncode != 0:
-        sys.exit(f"bot.train failed (exit {proc.returncode})")
+        sys.exit(f"bot.builtin.train failed (exit {proc.returncode})")
     return events
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--general-sample", type=int, default=Settings.model_fields["finetune_general_sample"].default)
+    parser.add_argument("--general-sample", type=int, default=FinetuneSettings.model_fields["general_sample"].default)
     args = parser.parse_args()
     model = str(embedded_model_path())
     started = time.monotonic()
@@ -92,7 +92,7 @@ def main() -> None:
         "heldout": result["heldout"],
         "general": {**result["general"], "change": result["general"]["adapter"] / result["general"]["base"] - 1},
     }
-    deploy, reason = decide(figures, Settings.model_fields["finetune_max_regression"].default)
+    deploy, reason = decide(figures, FinetuneSettings.model_fields["max_regression"].default)
     print(f"gate (default limits): {'deploy' if deploy else 'refuse'}: {reason}")
     print(f"adapter: {size:.1f} MB; total: {time.monotonic() - started:.0f} s")
 

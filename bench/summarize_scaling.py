@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bot.app import Quill
 from bot.config import Settings
-from plugins.summarize import Summarizer, log_lines
+from plugins.summarize import Summarizer, SummarizeSettings, log_lines
 
 COLUMNS = ("messages", "tokens", "chunks", "merges", "calls", "calls/1k", "seconds")
 NAMES = ("Ada", "Bea", "Cy", "Dev", "Eli")
@@ -36,8 +36,10 @@ SAYINGS = (
 
 async def run(sizes: list[int], plan_only: bool) -> None:
     with tempfile.TemporaryDirectory() as scratch:
-        settings = Settings(data_dir=Path(scratch), summarize_max_messages=max(sizes), temperature=0.0, seed=1)
+        settings = Settings(data_dir=Path(scratch), temperature=0.0, seed=1)
         app = await Quill.start(settings)
+        config = app.context.config(SummarizeSettings)
+        config.max_messages = max(sizes)
         try:
             conv = await app.memory.conversation("bench", "", "team")
             assert conv.id is not None
@@ -54,7 +56,7 @@ async def run(sizes: list[int], plan_only: bool) -> None:
             print(f"seeded {max(sizes)} messages in {time.perf_counter() - started:.1f} s")
             print(
                 f"model {settings.model_path.name}, n_ctx {app.engine.n_ctx}, chunk tokens "
-                f"{settings.summarize_chunk_tokens}, note tokens {settings.summarize_note_tokens}"
+                f"{config.chunk_tokens}, note tokens {config.note_tokens}"
             )
             print(" ".join(f"{h:>8}" for h in COLUMNS))
             for size in sizes:

@@ -1,18 +1,16 @@
-"""What a plugin sees of the core: requests, replies, commands and the context object.
+"""What a plugin sees of the core: requests, replies, commands, settings and the context object.
 
 Plugins import from here and from nothing else in `bot/`, so the core can change behind it.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from bot.config import Settings
 from bot.engine import (
@@ -23,88 +21,67 @@ from bot.engine import (
     EngineError,
     GenerationOptions,
 )
-from bot.hookspecs import hookimpl
-from bot.memory import Memory
+from bot.hooks import RENEW_DEADLINE, HookResult, Hooks
+from bot.hookspecs import JobRegistrar, hookimpl
+from bot.memory import Memory, off_loop
+from bot.plugin_config import ChannelSettings, GuildSettings, PluginSettings, SettingError, SettingsRegistry
 from bot.prompts import PromptLoader
 from bot.search import Hit, Search, Semantic
 from bot.text import HAS_CJK, content_words
+from bot.types import (
+    Command,
+    Handler,
+    Option,
+    OptionError,
+    Place,
+    QuillError,
+    Reaction,
+    Reply,
+    Request,
+    Section,
+)
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
 
 __all__ = [
+    "ChannelSettings",
     "ChatMessage",
     "Command",
     "ContextOverflow",
     "EngineError",
     "GenerationOptions",
+    "GuildSettings",
+    "Handler",
     "Hit",
+    "HookResult",
+    "JobRegistrar",
     "Option",
     "OptionError",
     "Place",
     "PluginContext",
+    "PluginSettings",
+    "QuillError",
+    "Reaction",
     "Reply",
     "Request",
     "Section",
+    "SettingError",
     "content_words",
     "has_cjk",
     "hookimpl",
     "message_link",
+    "off_loop",
     "quote",
 ]
 
+S = TypeVar("S", bound=BaseModel)
+
+
 BOT_AUTHOR_ID = "quill"
-# Set by the router around each handler: renews its time-out (see PluginContext.progress).
-RENEW_DEADLINE: ContextVar[Callable[[], None] | None] = ContextVar("quill_renew_deadline", default=None)
 # Shown for an empty (whitespace only) answer, by converse and by transports, so the user is
 # never left with nothing.
 NO_ANSWER = "(The answer came out empty. Please try again or rephrase.)"
-
-
-@dataclass(frozen=True)
-class Request:
-    """An incoming message or command, the same for every transport.
-
-    `guild_id` is "" outside a guild (DMs, the console). For a command, `command` is its name,
-    `options` its named options and `text` the rest of its arguments.
-    """
-
-    transport: str
-    channel_id: str
-    author_id: str
-    text: str
-    author_name: str = ""
-    guild_id: str = ""
-    message_id: str | None = None
-    is_admin: bool = False
-    mentioned: bool = False
-    is_dm: bool = False
-    command: str | None = None
-    # Checked against the command's `Option`s before a handler sees them: ints for int options.
-    options: Mapping[str, str | int] = field(default_factory=dict)
-    # The text of the message this one replies to, where the transport knows it ("" otherwise).
-    quoted: str = ""
-    # Text files attached together (file name, text), where the transport passes several apart
-    # rather than as one text (/kb-add makes a document of each).
-    attachments: tuple[tuple[str, str], ...] = ()
-    # Who counts as an admin on this transport, said when an admin command is refused.
-    admin_hint: str = ""
-
-    def number(self, name: str) -> int | None:
-        """A whole-number option (already checked against its declaration); None if not given."""
-        value = self.options.get(name)
-        return value if isinstance(value, int) else None
-    # The transport's id of the message this one replies to (a Discord reply), else None.
-    reply_to: str | None = None
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where messages happen: a channel, thread or DM of one transport ("" guild outside guilds)."""
-
-    transport: str
-    guild_id: str
-    channel_id: str
 
 
 def has_cjk(text: str) -> bool:
@@ -128,161 +105,59 @@ def quote(text: str, author: str, link: str | None = None, limit: int = 140) -> 
     return f"“{text}” — {author}" + (f" ([jump]({link}))" if link else "")
 
 
-@dataclass(frozen=True)
-class Section:
-    """One titled part of a digest, in Markdown."""
-
-    title: str
-    body: str
-
-
-@dataclass
-class Reply:
-    """What a handler answers: whole `text`, or a `stream` of text pieces.
-
-    `failed` marks an error reply, so scripts (`quill ask`) can exit non-zero.
-    """
-
-    text: str = ""
-    stream: AsyncIterator[str] | None = None
-    failed: bool = False
-    # Set where the reply reads better as a titled card (a Discord embed): summaries, digests.
-    title: str | None = None
-    # Post to this channel instead of answering where the request came from (mod reports).
-    channel_id: str | None = None
-    # A file to hand over with the reply (a DM attachment on Discord, a path in the console).
-    file: Path | None = None
-    # Ask the transport to delete the message the request came from (moderation, and only where
-    # an admin turned deletion on); a transport that cannot delete ignores it.
-    delete_original: bool = False
-    # The stored answer's row, set once the stream has finished (by converse): the transport
-    # links the message it posted to it, so a reaction approves this answer and no other.
-    answer_id: int | None = None
-    # A PNG shown with the reply (a digest's chart): inside the embed on Discord, written beside
-    # the post in the console.
-    image: bytes | None = None
-
-
-Handler = Callable[["PluginContext", Request], Awaitable[Reply]]
-
-
-class OptionError(ValueError):
-    """An option value a command cannot take; the message names the option and what it takes."""
-
-
-# The longest value of a text option that declares no `max` (a name, a language, a channel).
-OPTION_MAX_CHARS = 200
-# Digits past this are out of every range a command declares (and Discord's, 2**53).
-_MAX_DIGITS = 18
-_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes '²' and '٣'
-
-
-@dataclass(frozen=True)
-class Option:
-    """A named option of a command: a Discord slash-command option, or `name:value` typed
-    before the free text in the console (`/translate to:fr Bonjour`).
-
-    Its type and bounds are declared here and checked once, by the router (and by Discord for
-    slash commands), so a handler only ever sees values it can use: an `int` within
-    `min`..`max`, or a non-empty `str` of at most `max` characters (OPTION_MAX_CHARS when
-    unset). `positional`: the command's free text is this option (`/retention 30`)."""
-
-    name: str
-    description: str
-    required: bool = False
-    # Suggested values (autocomplete on Discord); the only ones accepted when `closed`.
-    choices: tuple[str, ...] = ()
-    kind: type[int] | type[str] = str
-    min: int | None = None
-    max: int | None = None
-    closed: bool = False
-    positional: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind is int and (self.min is None or self.max is None):
-            raise ValueError(f"option {self.name}: a whole-number option needs min and max")
-        if self.closed and not self.choices:
-            raise ValueError(f"option {self.name}: closed without choices")
-
-    @property
-    def longest(self) -> int:
-        return self.max if self.max is not None else OPTION_MAX_CHARS
-
-    def takes(self) -> str:
-        """What the option accepts, as said in a refusal."""
-        if self.closed:
-            return "one of " + ", ".join(self.choices)
-        if self.kind is int:
-            return f"a whole number from {self.min:,} to {self.max:,}"
-        return f"text of 1 to {self.longest:,} characters"
-
-    def parse(self, value: str | int) -> str | int:
-        """The value as the handler gets it (cleaned text is expected); OptionError if refused."""
-        if isinstance(value, str):
-            value = value.strip()
-        if value == "":
-            raise OptionError(f"{self.name} is empty; it takes {self.takes()}.")
-        if self.closed:
-            wanted = str(value).casefold()
-            for choice in self.choices:
-                if choice.casefold() == wanted:
-                    return choice
-            raise self._refused(value)
-        if self.kind is int:
-            if isinstance(value, str):
-                if not _INTEGER.fullmatch(value) or len(value.lstrip("-")) > _MAX_DIGITS:
-                    raise self._refused(value)
-                value = int(value)
-            assert self.min is not None and self.max is not None
-            if isinstance(value, bool) or not self.min <= value <= self.max:
-                raise self._refused(value)
-            return value
-        text = str(value)
-        if len(text) > self.longest or (self.min is not None and len(text) < self.min):
-            raise self._refused(text)
-        return text
-
-    def _refused(self, value: object) -> OptionError:
-        text = str(value)
-        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}… ({len(text):,} characters)"
-        return OptionError(f"{self.name} takes {self.takes()}, not {shown}.")
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command a plugin offers; `/help` and the transports build their lists from these."""
-
-    name: str
-    help: str
-    handler: Handler
-    usage: str = ""
-    admin: bool = False
-    options: tuple[Option, ...] = ()
-    # Its text is a document (/kb-add), bounded by QUILL_MAX_DOCUMENT_CHARS, not by the message
-    # limit QUILL_MAX_INPUT_CHARS.
-    document: bool = False
-    # Its answers concern one person's data (/forget): as a slash command only they see them.
-    private: bool = False
-
-
 @dataclass
 class PluginContext:
-    """The core's services, handed to every handler."""
+    """The core's services, handed to every handler and hook."""
 
     engine: Engine
     memory: Memory
     settings: Settings
     prompts: PromptLoader
-    # Calls every plugin's implementation of a hook (pluggy's relay), e.g. the list of results,
-    # some awaitable, of `context.hooks.forget_user(...)`; set by the core once plugins load.
-    hooks: Any = None
+    # Calls a hook on every plugin, each guarded and timed, results gathered (bot/hooks.py):
+    # `await context.hooks.call("digest_sections", place=..., since=...)`.
+    hooks: Hooks
+    # Every plugin's declared settings (bot/plugin_config.py); read them with config / scoped.
+    registry: SettingsRegistry
     # The job scheduler (/schedule); None where the process runs none.
     scheduler: Scheduler | None = None
-    # Every plugin's `digest_sections` for a place since a time, each one guarded (a failing
-    # plugin is left out), unlike a plain `hooks.digest_sections(...)` call; set by the core.
-    digest_sections: Callable[[Place, datetime], Awaitable[list[Section]]] | None = None
     # The embedder and its fusion settings where QUILL_EMBEDDINGS is on (bot/embedder.py).
     semantic: Semantic | None = None
+
+    def config(self, model: type[S]) -> S:
+        """A plugin's global settings (`PluginSettings`), as read from the environment at start."""
+        return self.registry.get(model)
+
+    async def scoped(self, model: type[S], place: Place) -> S:
+        """A plugin's `GuildSettings` or `ChannelSettings` for `place`, defaults where unset."""
+        entry = self.registry.entry(model)
+        guild, channel = _scope_of(entry.scope, place)
+        return self.registry.build(model, await self.memory.get_settings(guild, channel, entry.plugin))
+
+    async def update(self, model: type[S], place: Place, **changes: Any) -> S:
+        """Change some of `place`'s settings of `model`, each validated by its declaration
+        (SettingError names the one refused); a value equal to the default is stored as unset,
+        so a later change of default reaches it."""
+        entry = self.registry.entry(model)
+        if unknown := sorted(set(changes) - set(model.model_fields)):
+            raise KeyError(f"{entry.plugin} has no {entry.scope} setting {', '.join(unknown)}")
+        current = await self.scoped(model, place)
+        try:
+            updated = model.model_validate({**current.model_dump(), **changes})
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            name = ".".join(str(part) for part in problem["loc"]) or "value"
+            raise SettingError(f"{entry.plugin} setting {name}: {problem['msg']}") from exc
+        defaults = model()
+        values, cleared = {}, []
+        for name in changes:
+            value = getattr(updated, name)
+            if value == getattr(defaults, name):
+                cleared.append(entry.key(name))
+            else:
+                values[entry.key(name)] = updated.model_dump(mode="json", include={name})[name]
+        guild, channel = _scope_of(entry.scope, place)
+        await self.memory.set_settings(guild, channel, values, cleared)
+        return updated
 
     @cached_property
     def search(self) -> Search:
@@ -313,7 +188,7 @@ class PluginContext:
         the system prompt always kept; the reply is stored only once it has finished.
         """
         options = options or self.options()
-        conv = await self.memory.conversation(request.transport, request.guild_id, request.channel_id)
+        conv = await self.memory.conversation(*request.place)
         assert conv.id is not None
         user_tokens = await self.engine.count_tokens(request.text)
         await self.memory.add_message(
@@ -360,3 +235,12 @@ class PluginContext:
                 token_count=await self.engine.count_tokens(text),
             )
             reply.answer_id = stored.id
+
+
+def _scope_of(scope: str, place: Place) -> tuple[str, str]:
+    """The (guild_id, channel_id) a scoped setting is stored under: channel "" for a guild's."""
+    if scope == "guild":
+        return place.guild_id, ""
+    if scope == "channel":
+        return place.guild_id, place.channel_id
+    raise KeyError(f"{scope} settings are not stored per place")

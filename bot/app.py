@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from bot import finetune, privacy
 from bot.api import PluginContext
 from bot.config import Settings
 from bot.embedder import Embedder, EmbedderError, ServerEmbedder
 from bot.engine import Engine, ModelLoadError, start_engine
 from bot.engine.openai import OpenAIEngine
+from bot.hooks import Hooks, plugin_label
 from bot.memory import Memory
+from bot.plugin_config import SettingsRegistry
 from bot.plugins import make_plugin_manager
 from bot.prompts import PromptLoader
 from bot.router import Router
@@ -31,13 +34,15 @@ class Quill:
         self.engine = engine
         self.memory = memory
         self.plugins = make_plugin_manager()
+        self.hooks = Hooks(self.plugins, lambda: settings.plugin_timeout)
+        self.registry = declare_settings(self.hooks)
         prompts = PromptLoader(settings.prompts_dir)
-        self.context = PluginContext(engine, memory, settings, prompts, hooks=self.plugins.hook, semantic=semantic)
+        self.context = PluginContext(engine, memory, settings, prompts, self.hooks, self.registry, semantic=semantic)
+        self.hooks.context = self.context
         self._embedding: asyncio.Task[None] | None = None
-        self.router = Router(self.context, self.plugins)
+        self.router = Router(self.context)
         self.scheduler = Scheduler(settings, memory.engine, self.router.run_text)
         self.context.scheduler = self.scheduler
-        self.context.digest_sections = self.router.digest_sections
         log.info("plugins: %s", ", ".join(sorted(n for n, _ in self.plugins.list_name_plugin())))
 
     @classmethod
@@ -68,9 +73,14 @@ class Quill:
         if semantic is not None:  # new rows, and all of them after a change of embedder
             quill._embedding = asyncio.create_task(quill.context.search.keep_embedded(), name="quill-embedding")
         quill.scheduler.open()  # paused: jobs can be managed; transports call run_jobs()
-        retention = functools.partial(privacy.apply_retention, quill.context)
-        quill.scheduler.add_maintenance("quill-retention", settings.retention_when, retention)
-        await finetune.restore_adapter(quill.context)
+
+        def job(name: str, when: str, run: Callable[[], Awaitable[Any]]) -> None:
+            quill.scheduler.add_maintenance(name, when, run)
+
+        quill.hooks.collect("register_jobs", register=job)
+        for result in await quill.hooks.call("startup"):
+            if result.failed:
+                log.error("plugin %s did not start; its features may not work", result.plugin)
         return quill
 
     async def close(self, *, close_engine: bool = True) -> None:
@@ -84,6 +94,16 @@ class Quill:
         if close_engine:
             await self.engine.close()
         self.memory.close()
+
+
+def declare_settings(hooks: Hooks) -> SettingsRegistry:
+    """Every plugin's settings classes, the global ones read from the environment. A refused
+    declaration or value stops start-up (SettingError): running with a setting ignored would do
+    what nobody asked."""
+    registry = SettingsRegistry()
+    for plugin, hook in hooks.implementations("register_settings"):
+        hook(register=functools.partial(registry.add, plugin_label(plugin)))
+    return registry
 
 
 async def start_semantic(settings: Settings, engine: Engine | None = None) -> Semantic:

@@ -15,13 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bot.app import Quill
 from bot.config import Settings
-from bot.engine import ModelLoadError
 from bot.kb_import import collect, import_paths
 from bot.memory import Memory, StorageError, write_revision
-from bot.scheduler import ScheduleError
 from bot.search import Search
 from bot.transports.console import ConsoleTransport
-from bot.transports.discord import DiscordStartError, run_discord
+from bot.transports.discord import run_discord
+from bot.types import QuillError
 
 app = typer.Typer(help="quill: a self-hosted chat and writing assistant on a local model.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema upkeep.")
@@ -83,7 +82,7 @@ def run_app(job: Callable[[Quill], Awaitable[T]], *, interactive: bool = True, v
 
     try:
         return asyncio.run(main())
-    except (ModelLoadError, StorageError, ScheduleError, DiscordStartError) as exc:
+    except QuillError as exc:
         typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Settings, read from the environment and `.env`; every field is documented in `.env.example`."""
+"""The core's settings, read from the environment and `.env`; plugins declare their own
+(bot/plugin_config.py). Every field of both is documented in `.env.example`."""
 
 from __future__ import annotations
 
@@ -52,8 +53,6 @@ class Settings(BaseSettings):
     max_document_chars: int = Field(default=200_000, ge=100)
     plugin_timeout: float = Field(default=300.0, gt=0)
     admin_ids: list[str] = Field(default_factory=list)
-    retention_days: int = Field(default=0, ge=0, le=36_500)  # bot.memory.MAX_RETENTION_DAYS
-    retention_when: str = "daily 03:30"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Discord: absent means console mode.
@@ -61,7 +60,7 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("QUILL_DISCORD_TOKEN", "DISCORD_TOKEN")
     )
 
-    # Discord transport (bot/transports/discord.py); the token above turns it on.
+    # Discord transport (bot/transports/discord/); the token above turns it on.
     # Seconds between edits of a reply that is streaming: Discord rate-limits message edits.
     discord_edit_interval: float = Field(default=1.0, ge=0.2)
     # One gateway connection per shard (discord.AutoShardedClient); needed past ~2,500 servers.
@@ -73,7 +72,7 @@ class Settings(BaseSettings):
     discord_sync_commands: bool = True
     # Minutes of inactivity before a help thread is archived (Discord allows these four values).
     discord_thread_archive_minutes: Literal[60, 1440, 4320, 10080] = 1440
-    # --- Engine backend (issue 11): in-process llama.cpp, or an OpenAI-compatible server ---
+    # --- Engine backend: in-process llama.cpp, or an OpenAI-compatible server ---
     engine_backend: Literal["local", "openai"] = "local"
     # The server's OpenAI API root, as OpenAI clients take it (with /v1); its non-OpenAI
     # endpoints (/tokenize, /props, /extras/...) are looked up beside it, without /v1.
@@ -90,7 +89,7 @@ class Settings(BaseSettings):
     # How JSON schemas are sent: "json_schema" (llama-server, vLLM, OpenAI), "json_object"
     # (llama-cpp-python's server), or "auto" (probed at start-up).
     openai_json_format: Literal["auto", "json_schema", "json_object"] = "auto"
-    # --- Scheduled jobs, digests and fine-tuning (bot/scheduler.py, plugins/digest.py, bot/finetune.py)
+    # --- Scheduled jobs (bot/scheduler.py) ---
     # Whether this process may run scheduled jobs (it still manages them when false).
     scheduler_enabled: bool = True
     # Time zone for schedules that name none, and for /schedule list.
@@ -101,38 +100,10 @@ class Settings(BaseSettings):
     scheduler_misfire_grace_seconds: int = Field(default=3600, ge=1)
     # Followers retry the leader lock, and the leader looks for jobs added elsewhere, this often.
     scheduler_poll_seconds: float = Field(default=30.0, gt=0)
-    # A digest of a period with no activity: "say" posts a short 'nothing new', "skip" posts nothing.
-    digest_when_empty: Literal["say", "skip"] = "say"
-    # The first digest of a place covers this many hours.
-    digest_first_hours: int = Field(default=24, ge=1, le=24 * 366)
-    # How digests and /mood judge each message's mood: "lexicon" (VADER for English, HowNet's
-    # word lists for Chinese; no model call) or "model" (the chat model under a grammar).
-    mood_method: Literal["lexicon", "model"] = "lexicon"
-    # Fine-tuning: share of approved exchanges held out for the eval gate, LoRA size, training length.
-    finetune_heldout_fraction: float = Field(default=0.2, gt=0, lt=1)
-    finetune_lora_rank: int = Field(default=8, ge=1)
-    finetune_epochs: int = Field(default=4, ge=1)
-    finetune_learning_rate: float = Field(default=1e-3, gt=0)
-    # Fewest approved exchanges needed before training starts.
-    finetune_min_examples: int = Field(default=8, ge=2)
-    # Threads the training child process uses (it competes with replies for the CPU).
-    finetune_threads: int = Field(default=1, ge=1)
-    # Eval gate: the held-out part needs at least this many groups of distinct questions
-    # (near-duplicates are grouped and never split), or nothing is deployed.
-    finetune_min_heldout_groups: int = Field(default=4, ge=1)
-    # Largest rise of the general-chat NLL (shipped set, bot/data/general_chat.jsonl) an adapter
-    # may cause and still be deployed, as a fraction (0.05 = 5 %).
-    finetune_max_regression: float = Field(default=0.05, ge=0)
-    # How many exchanges of the general set the gate measures (the first N; they alternate
-    # English and Chinese). Each costs about 0.5-0.9 s on 2 cores, for the adapter once per run.
-    finetune_general_sample: int = Field(default=64, ge=1)
-    # --- Plugins (issue 3): Q&A, summarizer, translator, writing helper, moderation ---
-    # Q&A: most sources cited per answer, and the tokens of retrieved text put in its prompt.
-    qa_max_sources: int = Field(default=4, ge=1, le=20)
-    qa_source_tokens: int = Field(default=768, ge=64)
-    # Q&A: the least relevance (0..1, the IDF-weighted share of the question found in a passage)
-    # a hit needs; below it the answer is "nothing found" and the model is not asked. Chosen with
-    # bench/retrieval.py on the shipped evaluation set.
+    # --- Knowledge base search (bot/search.py); plugins declare their own settings ---
+    # The least relevance (0..1, the IDF-weighted share of the question found in a passage) a hit
+    # needs; below it /ask answers "nothing found" and the model is not asked. The semantic score
+    # is calibrated against it too. Chosen with bench/retrieval.py on the shipped evaluation set.
     qa_min_relevance: float = Field(default=0.4, ge=0.0, le=1.0)
     # Semantic search (bot/embedder.py): off by default; true: the packaged all-MiniLM-L6-v2 (English)
     # is turned into a GGUF in the data folder at first use, or QUILL_EMBEDDING_MODEL_PATH is used;
@@ -144,18 +115,6 @@ class Settings(BaseSettings):
     embedding_weights: dict[str, float] = Field(default_factory=lambda: {"en": 1.0, "zh": 0.0})
     # The cosine similarity that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically.
     embedding_min_similarity: float = Field(default=0.45, gt=0.0, le=1.0)
-    # Summarizer: messages read when no count is given, the most it reads, tokens of messages
-    # per map step, tokens of each intermediate note, list items per section of the result.
-    summarize_default_messages: int = Field(default=200, ge=1, le=100_000)
-    summarize_max_messages: int = Field(default=5000, ge=1, le=100_000)  # /summarize messages: takes no more
-    summarize_chunk_tokens: int = Field(default=1536, ge=128)
-    summarize_note_tokens: int = Field(default=160, ge=16)
-    summarize_max_items: int = Field(default=5, ge=1, le=20)
-    # Moderation: terms flagged everywhere (JSON list; guilds add their own with /moderation),
-    # the default mod channel for reports, and model classification (toxic/spam/ok) by default.
-    moderation_terms: list[str] = Field(default_factory=list)
-    moderation_channel: str = ""
-    moderation_classify: bool = False
     # Local engine mode (bot/engine/batched.py): several conversations decoded together in one
     # context, each keeping its evaluated prefix warm between turns.
     engine_mode: Literal["batched", "single"] = "batched"

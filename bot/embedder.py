@@ -27,6 +27,7 @@ import numpy as np
 
 from bot.engine import EngineError
 from bot.engine.openai import EMBEDDINGS_HINT
+from bot.types import QuillError
 
 if TYPE_CHECKING:
     from bot.engine.openai import OpenAIEngine
@@ -38,7 +39,7 @@ MINILM_GGUF = "all-MiniLM-L6-v2.f16.gguf"
 EMBED_CTX = 512  # BERT's positions; longer passages are cut to this many tokens
 
 
-class EmbedderError(Exception):
+class EmbedderError(QuillError):
     """No embedder can be loaded; the message is fit to show an admin."""
 
 

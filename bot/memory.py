@@ -29,19 +29,19 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from bot.models import Conversation, Message, ScopeSetting, utcnow
 from bot.textindex import index_text
+from bot.types import QuillError
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
-RETENTION_KEY = "retention_days"  # per-guild setting (ScopeSetting), days to keep messages
 MAX_RETENTION_DAYS = 36_500  # a century: anything longer is "keep", and timedelta has limits
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class StorageError(Exception):
+class StorageError(QuillError):
     """The database cannot be opened or written; the message is fit to show a user."""
 
 
@@ -49,8 +49,9 @@ def redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _off_loop(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Run a blocking repository method in a thread and turn database faults into StorageError."""
+def off_loop(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Make a blocking database function a coroutine run in a thread, its database faults turned
+    into StorageError: how every repository (memory, search, fine-tune runs) keeps the loop free."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -174,7 +175,7 @@ class Memory:
 
     # -- conversations ---------------------------------------------------------------------
 
-    @_off_loop
+    @off_loop
     def conversation(self, transport: str, guild_id: str, channel_id: str) -> Conversation:
         """The conversation of a place, created on first use."""
         query = select(Conversation).where(
@@ -194,7 +195,7 @@ class Memory:
                 return session.exec(query).one()
             return conv
 
-    @_off_loop
+    @off_loop
     def add_message(
         self,
         conversation_id: int,
@@ -224,7 +225,7 @@ class Memory:
             session.commit()
         return msg
 
-    @_off_loop
+    @off_loop
     def history(self, conversation_id: int, token_budget: int, per_message: int = 0) -> list[Message]:
         """The newest messages whose tokens (plus `per_message` each) fit `token_budget`,
         oldest first: the older turns are the ones dropped."""
@@ -245,7 +246,7 @@ class Memory:
         kept.reverse()
         return kept
 
-    @_off_loop
+    @off_loop
     def messages_since(
         self, transport: str, guild_id: str, channel_ids: Sequence[str], since: datetime
     ) -> list[tuple[str, Message]]:
@@ -264,7 +265,7 @@ class Memory:
         with Session(self.engine, expire_on_commit=False) as session:
             return [(channel, msg) for channel, msg in session.exec(query)]
 
-    @_off_loop
+    @off_loop
     def recent_messages(self, conversation_id: int, limit: int, since: datetime | None = None) -> list[Message]:
         """The newest `limit` messages of a conversation (only those after `since` if given),
         oldest first: what a summary or digest reads."""
@@ -279,26 +280,38 @@ class Memory:
 
     # -- settings --------------------------------------------------------------------------
 
-    @_off_loop
-    def get_setting(self, guild_id: str, channel_id: str, key: str, default: Any = None) -> Any:
+    @off_loop
+    def get_settings(self, guild_id: str, channel_id: str, namespace: str) -> dict[str, Any]:
+        """The stored `<namespace>.<field>` settings of one scope (channel_id "": the guild's)."""
         with Session(self.engine) as session:
-            row = session.get(ScopeSetting, (guild_id, channel_id, key))
-            return json.loads(row.value) if row else default
+            rows = session.exec(
+                select(ScopeSetting).where(
+                    ScopeSetting.guild_id == guild_id,
+                    ScopeSetting.channel_id == channel_id,
+                    col(ScopeSetting.key).startswith(f"{namespace}."),
+                )
+            )
+            return {row.key: json.loads(row.value) for row in rows}
 
-    @_off_loop
-    def set_setting(self, guild_id: str, channel_id: str, key: str, value: Any) -> None:
+    @off_loop
+    def set_settings(self, guild_id: str, channel_id: str, values: dict[str, Any], cleared: Sequence[str] = ()) -> None:
+        """Store `values` and delete the `cleared` keys (back to their defaults), in one transaction."""
         with Session(self.engine) as session:
-            row = session.get(ScopeSetting, (guild_id, channel_id, key))
-            if row is None:
-                row = ScopeSetting(guild_id=guild_id, channel_id=channel_id, key=key, value="")
-            row.value = json.dumps(value)
-            row.updated_at = utcnow()
-            session.add(row)
+            for key in cleared:
+                if (row := session.get(ScopeSetting, (guild_id, channel_id, key))) is not None:
+                    session.delete(row)
+            for key, value in values.items():
+                row = session.get(ScopeSetting, (guild_id, channel_id, key))
+                if row is None:
+                    row = ScopeSetting(guild_id=guild_id, channel_id=channel_id, key=key, value="")
+                row.value = json.dumps(value)
+                row.updated_at = utcnow()
+                session.add(row)
             session.commit()
 
     # -- data controls ---------------------------------------------------------------------
 
-    @_off_loop
+    @off_loop
     def forget_user(self, user_id: str) -> dict[str, int]:
         """Delete every row that a personal column ties to `user_id` (or blank the column, for
         rows the team keeps), all tables in one transaction (all or nothing); returns the number
@@ -316,7 +329,7 @@ class Memory:
                     counts[table.name] = result.rowcount + counts.get(table.name, 0)
         return {table: n for table, n in counts.items() if n}
 
-    @_off_loop
+    @off_loop
     def export_user(self, user_id: str) -> dict[str, list[dict[str, Any]]]:
         """Every row that a personal column ties to `user_id`, per table, as JSON-ready dicts."""
         export: dict[str, list[dict[str, Any]]] = {}
@@ -328,7 +341,7 @@ class Memory:
                     export[table.name] = found
         return export
 
-    @_off_loop
+    @off_loop
     def forget_place(self, transport: str, guild_id: str, channel_id: str) -> int:
         """Delete a place's stored messages (its memory); returns how many."""
         conversation = select(Conversation.id).where(
@@ -340,7 +353,7 @@ class Memory:
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount
 
-    @_off_loop
+    @off_loop
     def edit_external(self, external_id: str, content: str, token_count: int) -> int:
         """Follow an edit made on the transport (e.g. a Discord message edited); returns rows changed."""
         with self.engine.begin() as conn:
@@ -351,22 +364,22 @@ class Memory:
             )
             return conn.execute(query).rowcount
 
-    @_off_loop
+    @off_loop
     def link_external(self, message_id: int, external_id: str) -> None:
         """Record the transport's id for a stored message (the Discord message an answer was
         posted as), so later events about it (a reaction, a deletion) find it."""
         with self.engine.begin() as conn:
             conn.execute(update(Message).where(col(Message.id) == message_id).values(external_id=external_id))
 
-    @_off_loop
+    @off_loop
     def delete_external(self, external_id: str) -> int:
         """Follow a deletion made on the transport; returns rows deleted."""
         with self.engine.begin() as conn:
             return conn.execute(delete(Message).where(Message.external_id == external_id)).rowcount
 
-    @_off_loop
-    def apply_retention(self, default_days: int, now: datetime | None = None) -> dict[str, int]:
-        """Delete messages older than each guild's `retention_days` setting (else `default_days`;
+    @off_loop
+    def apply_retention(self, default_days: int, key: str, now: datetime | None = None) -> dict[str, int]:
+        """Delete messages older than each guild's setting `key`, in days (else `default_days`;
         0 keeps them forever); returns deletions per guild ("" = DMs and the console).
 
         Each guild in its own transaction: a guild whose setting is unusable (stored before
@@ -377,21 +390,22 @@ class Memory:
             guilds = conn.execute(select(Conversation.guild_id).distinct()).scalars().all()
         for guild in guilds:
             try:
-                if count := self._retain(guild, default_days, now):
+                if count := self._retain(guild, default_days, key, now):
                     deleted[guild] = count
             except (ValueError, TypeError, OverflowError, SQLAlchemyError) as exc:
                 log.error("retention for guild %r skipped: %s", guild, exc)
         return deleted
 
-    def _retain(self, guild: str, default_days: int, now: datetime) -> int:
+    def _retain(self, guild: str, default_days: int, key: str, now: datetime) -> int:
         with self.engine.begin() as conn:
-            key = (ScopeSetting.guild_id == guild, ScopeSetting.channel_id == "")
-            setting = conn.execute(select(ScopeSetting.value).where(*key, ScopeSetting.key == RETENTION_KEY)).scalar()
-            days = json.loads(setting) if setting is not None else default_days
+            scope = (ScopeSetting.guild_id == guild, ScopeSetting.channel_id == "", ScopeSetting.key == key)
+            setting = conn.execute(select(ScopeSetting.value).where(*scope)).scalar()
+            stored = json.loads(setting) if setting is not None else None
+            days = default_days if stored is None else stored
             if not days:
                 return 0
             if not isinstance(days, int) or isinstance(days, bool) or not 0 < days <= MAX_RETENTION_DAYS:
-                raise ValueError(f"retention_days is {days!r}, not a whole number from 0 to {MAX_RETENTION_DAYS}")
+                raise ValueError(f"{key} is {days!r}, not a whole number from 0 to {MAX_RETENTION_DAYS}")
             places = select(Conversation.id).where(Conversation.guild_id == guild)
             query = delete(Message).where(
                 col(Message.conversation_id).in_(places), col(Message.created_at) < now - timedelta(days=days)

@@ -91,7 +91,7 @@ class ScopeSetting(SQLModel, table=True):
     updated_at: datetime = _timestamp()
 
 
-# --- Fine-tuning (bot/finetune.py) ---------------------------------------------------------
+# --- Fine-tuning (bot/builtin/finetune.py) ---------------------------------------------------------
 
 
 class Approval(SQLModel, table=True):

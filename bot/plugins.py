@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import pkgutil
 
 import pluggy
 
-import plugins as builtin_plugins
 from bot import hookspecs
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "quill.plugins"
-# Core features built as plugins, always loaded (like simonw/llm's default plugins).
-CORE_PLUGINS = ("bot.privacy", "bot.finetune")
+# Core features built as plugins, always loaded (like simonw/llm's default plugins), named here
+# and imported only by the plugin manager.
+CORE_PLUGINS = ("bot.builtin.privacy", "bot.builtin.finetune")
+# The package of the plugins that ship with quill; each of its modules is loaded.
+BUILTIN_PACKAGE = "plugins"
 
 
 def make_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
@@ -26,7 +29,9 @@ def make_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
     """
     pm = pluggy.PluginManager("quill")
     pm.add_hookspecs(hookspecs)
-    names = [*CORE_PLUGINS, *(i.name for i in pkgutil.iter_modules(builtin_plugins.__path__, prefix="plugins."))]
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    names = [*CORE_PLUGINS, *(i.name for i in pkgutil.iter_modules(folders, prefix=f"{BUILTIN_PACKAGE}."))]
     for name in names:
         _register(pm, name, lambda name=name: importlib.import_module(name))
     if entry_points:

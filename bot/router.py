@@ -8,21 +8,15 @@ logged and answered with a short apology, and the others keep working.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
 import re
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
-from datetime import datetime
-from typing import Any
 
-import pluggy
-
-from bot.api import RENEW_DEADLINE, Command, OptionError, Place, PluginContext, Reply, Request, Section
-from bot.engine import EngineError
-from bot.memory import StorageError
+from bot.api import PluginContext
+from bot.hooks import deadline
+from bot.types import Command, OptionError, QuillError, Reply, Request
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +64,6 @@ def usage_line(command: Command) -> str:
     return " ".join(parts)
 
 
-def _as_handler(hook: Callable[..., Any]) -> Callable[[PluginContext, Request], Awaitable[Reply]]:
-    """Adapt an `on_message` hook (sync or async, may return None) to a command handler."""
-
-    async def handler(context: PluginContext, request: Request) -> Reply:
-        result = hook(context=context, request=request)
-        if inspect.isawaitable(result):
-            result = await result
-        return result or Reply()
-
-    return handler
-
-
 def clean_text(text: str) -> str:
     """Drop invisible and control characters (keeping newlines and tabs) and lone surrogates."""
     text = text.encode("utf-8", errors="replace").decode("utf-8")
@@ -93,25 +75,22 @@ def clean_text(text: str) -> str:
 class Router:
     """Holds the commands the plugins registered and dispatches requests to them."""
 
-    def __init__(self, context: PluginContext, pm: pluggy.PluginManager) -> None:
+    def __init__(self, context: PluginContext) -> None:
         self.context = context
-        self.plugins = pm
+        self.plugins = context.hooks.pm
         self.commands: dict[str, Command] = {}
         # Each plugin's hook is called on its own, so one that raises cannot hide the others'.
-        for impl in pm.hook.register_commands.get_hookimpls():
-            self._collect(impl.plugin_name, impl.function)
+        for plugin, hook in context.hooks.implementations("register_commands"):
+            context.hooks.collect_one(plugin, hook, register=self._registrar(plugin))
 
-    def _collect(self, plugin_name: str, hook: Callable[..., None]) -> None:
+    def _registrar(self, plugin: str) -> Callable[[Command], None]:
         def register(command: Command) -> None:
             if command.name in self.commands or command.name == "help":
-                log.error("plugin %s: command /%s is already taken; ignored", plugin_name, command.name)
+                log.error("plugin %s: command /%s is already taken; ignored", plugin, command.name)
                 return
             self.commands[command.name] = command
 
-        try:
-            hook(register=register)
-        except Exception:
-            log.exception("plugin %s failed to register its commands", plugin_name)
+        return register
 
     def help_text(self, is_admin: bool) -> str:
         lines = ["Commands:", "  /help  this list"]
@@ -178,31 +157,16 @@ class Router:
         text = clean_text(request.text)
         if not text:
             return []
-        request = replace(request, text=text)
         replies = []
-        for impl in self.plugins.hook.on_message.get_hookimpls():
-            observer = Command(f"{impl.plugin_name} (on_message)", "", _as_handler(impl.function))
-            reply = await self._call(observer, request)
-            if not reply.failed and (reply.text or reply.stream is not None):
+        for result in await self.context.hooks.call("on_message", request=replace(request, text=text)):
+            reply = result.value
+            if result.failed or not isinstance(reply, Reply) or reply.failed:
+                continue
+            if reply.stream is not None:
+                reply.stream = self._guard(f"{result.plugin} (on_message)", reply.stream, reply)
+            if reply.text or reply.stream is not None:
                 replies.append(reply)
         return replies
-
-    async def digest_sections(self, place: Place, since: datetime) -> list[Section]:
-        """Every plugin's `digest_sections` for `place`, in plugin order; one that fails or
-        stalls is logged and left out, so the digest still comes."""
-        sections = []
-        for impl in self.plugins.hook.digest_sections.get_hookimpls():
-            try:
-                async with self._deadline():
-                    section = impl.function(context=self.context, place=place, since=since)
-                    if inspect.isawaitable(section):
-                        section = await section
-            except Exception:
-                log.exception("plugin %s: digest_sections failed; section left out", impl.plugin_name)
-                continue
-            if section is not None:
-                sections.append(section)
-        return sections
 
     def _input_limit(self, command: Command | None) -> tuple[int, str]:
         """The longest text `command` takes (None: any command), and the setting saying so."""
@@ -224,37 +188,17 @@ class Router:
             failed=True,
         )
 
-    @contextlib.asynccontextmanager
-    async def _deadline(self) -> AsyncIterator[None]:
-        """QUILL_PLUGIN_TIMEOUT for a handler, renewed each time it reports progress (with the
-        deadlines around it: /digest's, when a digest section makes progress)."""
-        seconds = self.context.settings.plugin_timeout
-        outer = RENEW_DEADLINE.get()
-        async with asyncio.timeout(seconds) as deadline:
-            loop = asyncio.get_running_loop()
-
-            def renew() -> None:
-                deadline.reschedule(loop.time() + seconds)
-                if outer is not None:
-                    outer()
-
-            token = RENEW_DEADLINE.set(renew)
-            try:
-                yield
-            finally:
-                RENEW_DEADLINE.reset(token)
-
     async def _call(self, command: Command, request: Request) -> Reply:
         try:
-            async with self._deadline():
+            async with deadline(self.context.settings.plugin_timeout):
                 reply = await command.handler(self.context, request)
         except Exception as exc:
-            return self._failure(command, exc)
+            return self._failure(f"/{command.name}", exc)
         if reply.stream is not None:
-            reply.stream = self._guard(command, reply.stream, reply)
+            reply.stream = self._guard(f"/{command.name}", reply.stream, reply)
         return reply
 
-    async def _guard(self, command: Command, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
+    async def _guard(self, what: str, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
         """Stream a handler's reply; a failure or a stall mid-way ends it with an apology."""
         timeout = self.context.settings.plugin_timeout
         iterator = aiter(pieces)
@@ -268,19 +212,20 @@ class Router:
                 yield piece
         except Exception as exc:
             reply.failed = True
-            yield "\n" + self._failure(command, exc).text
+            yield "\n" + self._failure(what, exc).text
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
 
     @staticmethod
-    def _failure(command: Command, exc: BaseException) -> Reply:
-        if isinstance(exc, EngineError | StorageError):
-            log.warning("/%s: %s", command.name, exc)
+    def _failure(what: str, exc: BaseException) -> Reply:
+        """The reply for a handler that raised: a QuillError's own message, else an apology."""
+        if isinstance(exc, QuillError):
+            log.warning("%s: %s", what, exc)
             return Reply(str(exc), failed=True)
         if isinstance(exc, TimeoutError):
-            log.error("/%s timed out", command.name)
-            return Reply(f"Sorry, /{command.name} took too long and was stopped.", failed=True)
-        log.exception("/%s failed", command.name, exc_info=exc)
-        return Reply(f"Sorry, /{command.name} failed. The error is logged; other commands still work.", failed=True)
+            log.error("%s timed out", what)
+            return Reply(f"Sorry, {what} took too long and was stopped.", failed=True)
+        log.exception("%s failed", what, exc_info=exc)
+        return Reply(f"Sorry, {what} failed. The error is logged; other commands still work.", failed=True)

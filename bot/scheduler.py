@@ -40,6 +40,7 @@ from sqlalchemy import Connection, Engine, text
 
 from bot.api import Place, Reply, Request
 from bot.config import Settings
+from bot.types import QuillError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _TWO_DIGITS = re.compile("[0-9]{1,2}")  # ASCII: str.isdigit() also takes '²', which int() refuses
 
 
-class ScheduleError(ValueError):
+class ScheduleError(QuillError, ValueError):
     """A schedule that cannot be understood or found; the message is fit to show a user."""
 
 

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from bot.engine import EngineError
-from bot.memory import StorageError, _off_loop
+from bot.memory import StorageError, off_loop
 from bot.models import KnowledgeChunk, KnowledgeDoc, UTCDateTime, utcnow
 from bot.textindex import index_text, language, query_terms, terms
 
@@ -212,7 +212,7 @@ class Search:
 
     # -- documents -------------------------------------------------------------------------
 
-    @_off_loop
+    @off_loop
     def add_document(
         self,
         transport: str,
@@ -245,19 +245,19 @@ class Search:
             session.commit()
         return len(passages)
 
-    @_off_loop
+    @off_loop
     def list_documents(self, transport: str, guild_id: str, channel_id: str) -> list[tuple[str, int]]:
         """(name, passage count) of the documents a place can search, by name."""
         return [(name, count) for name, count, _ in self._documents(transport, guild_id, channel_id)]
 
-    @_off_loop
+    @off_loop
     def documents_since(
         self, transport: str, guild_id: str, channel_id: str, since: datetime
     ) -> list[tuple[str, int, datetime]]:
         """(name, passage count, added at) of the place's documents added or replaced after `since`."""
         return [d for d in self._documents(transport, guild_id, channel_id) if d[2] > since]
 
-    @_off_loop
+    @off_loop
     def imported(self, transport: str, guild_id: str, channel_id: str) -> dict[str, tuple[str, str]]:
         """{name: (source file, sha256)} of the place's documents that came from files."""
         query = select(KnowledgeDoc.name, KnowledgeDoc.source, KnowledgeDoc.sha256).where(
@@ -280,7 +280,7 @@ class Search:
         with self.engine.connect() as conn:
             return [(row.name, row.n, row.created_at) for row in conn.execute(query, scope)]
 
-    @_off_loop
+    @off_loop
     def remove_document(self, transport: str, guild_id: str, channel_id: str, name: str) -> bool:
         """Delete a document and its passages; False when there is none by that name."""
         with Session(self.engine) as session:
@@ -294,7 +294,7 @@ class Search:
 
     # -- search ----------------------------------------------------------------------------
 
-    @_off_loop
+    @off_loop
     def search(
         self,
         question: str,
@@ -368,7 +368,7 @@ class Search:
         ]
         return relevant(_interleave(doc_hits, message_hits), min_relevance)[:limit]
 
-    @_off_loop
+    @off_loop
     def neighbours(self, hits: Sequence[Hit]) -> list[tuple[str, str]]:
         """(passage before, passage after) each document hit in its document ("" at its ends,
         for a message, or where that passage is itself one of `hits`): context for the model."""
@@ -452,7 +452,7 @@ class Search:
 
     # -- embeddings ------------------------------------------------------------------------
 
-    @_off_loop
+    @off_loop
     def embed_pending(self, batch: int = EMBED_BATCH) -> tuple[int, int]:
         """Embed up to `batch` passages, then user messages, that have no vector from the
         current embedder (new ones, or all of them after a model change); returns (embedded

@@ -2,8 +2,8 @@
 label) and reports them to the mod channel. It never deletes anything itself: where an admin
 turned deletion on, the report asks the transport to delete the message (`delete_original`).
 
-Configuration: QUILL_MODERATION_* settings for every guild, and `/moderation` per guild (stored
-as one scope setting, read once per message).
+Configuration: QUILL_MODERATION_* settings for every guild (`ModerationSettings`), and
+`/moderation` per guild (`ModerationGuild`, read once per message).
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import logging
 import re
 import unicodedata
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
-from bot.api import ChatMessage, Command, PluginContext, Reply, Request, hookimpl
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from bot.api import ChatMessage, Command, GuildSettings, PluginContext, PluginSettings, Reply, Request, hookimpl
 
 log = logging.getLogger(__name__)
 
-KEY = "moderation"
 LABELS = ("ok", "toxic", "spam")
 GRAMMAR = "root ::= " + " | ".join(f'"{label}"' for label in LABELS)
 EXCERPT_CHARS = 300
@@ -26,6 +28,37 @@ USAGE = (
     "Usage: /moderation [status] | add <term> | remove <term> | channel <channel id>|here | "
     "classify on|off | delete on|off"
 )
+
+
+class ModerationSettings(PluginSettings):
+    """QUILL_MODERATION_*: what every guild gets unless it sets its own."""
+
+    model_config = SettingsConfigDict(env_prefix="QUILL_MODERATION_")
+    terms: list[str] = Field(default_factory=list, description="Terms flagged everywhere (JSON list).")
+    channel: str = Field(
+        "", description="The default mod channel for reports; empty: flagged messages are only logged."
+    )
+    classify: bool = Field(False, description="Ask the model to label each message toxic / spam / ok.")
+
+
+class ModerationGuild(GuildSettings):
+    """A guild's own moderation (/moderation); unset values follow ModerationSettings."""
+
+    terms: list[str] = Field(default_factory=list, description="Terms flagged in this guild, beside the global ones.")
+    channel: str | None = Field(None, max_length=64, description="Where reports go (a channel id).")
+    classify: bool | None = Field(None, description="Model classification here (unset: the global setting).")
+    delete: bool = Field(False, description="Ask the transport to delete flagged messages.")
+
+
+@dataclass(frozen=True)
+class InForce:
+    """A guild's moderation as it applies: its own values over the global ones."""
+
+    own_terms: list[str]
+    terms: list[str]
+    channel: str
+    classify: bool
+    delete: bool
 
 
 def _normal(text: str) -> str:
@@ -46,80 +79,85 @@ async def classify(ctx: PluginContext, text: str) -> str:
     return result.text.strip()
 
 
-async def _config(ctx: PluginContext, guild_id: str) -> dict[str, Any]:
+async def in_force(ctx: PluginContext, request: Request) -> InForce:
     """The guild's configuration over the global settings."""
-    stored = await ctx.memory.get_setting(guild_id, "", KEY, {})
-    s = ctx.settings
-    config: dict[str, Any] = {
-        "terms": [],
-        "channel": s.moderation_channel,
-        "classify": s.moderation_classify,
-        "delete": False,
-    }
-    config.update({k: v for k, v in dict(stored).items() if v is not None})
-    config["all_terms"] = list(dict.fromkeys([*s.moderation_terms, *config["terms"]]))
-    return config
+    everywhere = ctx.config(ModerationSettings)
+    here = await ctx.scoped(ModerationGuild, request.place)
+    return InForce(
+        own_terms=here.terms,
+        terms=list(dict.fromkeys([*everywhere.terms, *here.terms])),
+        channel=everywhere.channel if here.channel is None else here.channel,
+        classify=everywhere.classify if here.classify is None else here.classify,
+        delete=here.delete,
+    )
 
 
 @hookimpl
 async def on_message(context: PluginContext, request: Request) -> Reply | None:
     """Report a flagged message to the mod channel; say nothing where nothing is wrong."""
-    config = await _config(context, request.guild_id)
-    if request.channel_id == config["channel"]:
+    config = await in_force(context, request)
+    if request.channel_id == config.channel:
         return None  # the mod channel itself, reports included
-    reasons = [f"term “{t}”" for t in matched_terms(request.text, config["all_terms"])]
-    if not reasons and config["classify"]:
+    reasons = [f"term “{t}”" for t in matched_terms(request.text, config.terms)]
+    if not reasons and config.classify:
         label = await classify(context, request.text)
         if label != "ok":
             reasons.append(f"model: {label}")
     if not reasons:
         return None
-    if not config["channel"]:
+    if not config.channel:
         log.warning("message %s flagged (%s) but no mod channel is set", request.message_id, ", ".join(reasons))
         return None
     excerpt = request.text[:EXCERPT_CHARS] + ("…" if len(request.text) > EXCERPT_CHARS else "")
     who = request.author_name or request.author_id
     where = f"<#{request.channel_id}>" if request.transport == "discord" else request.channel_id
     text = f"Flagged: message {request.message_id or '(no id)'} by {who} in {where}: {', '.join(reasons)}"
-    if config["delete"]:
+    if config.delete:
         text += " (deleted)"
     quoted = "\n".join("> " + line for line in excerpt.splitlines())
-    return Reply(f"{text}\n{quoted}", channel_id=config["channel"], delete_original=bool(config["delete"]))
+    return Reply(f"{text}\n{quoted}", channel_id=config.channel, delete_original=config.delete)
 
 
 async def moderation(ctx: PluginContext, request: Request) -> Reply:
     action, _, value = request.text.partition(" ")
     action, value = action.lower() or "status", value.strip()
-    stored: dict[str, Any] = dict(await ctx.memory.get_setting(request.guild_id, "", KEY, {}))
-    terms: list[str] = list(stored.get("terms", []))
+    config = await in_force(ctx, request)
+    terms = config.own_terms
     switch = {"on": True, "off": False}.get(value.lower())
     if action == "status":
-        config = await _config(ctx, request.guild_id)
         return Reply(
-            f"Terms: {', '.join(config['all_terms']) or '(none)'}\n"
-            f"Mod channel: {config['channel'] or '(none: flagged messages are only logged)'}\n"
-            f"Model classification: {'on' if config['classify'] else 'off'}\n"
-            f"Delete flagged messages: {'on' if config['delete'] else 'off'}"
+            f"Terms: {', '.join(config.terms) or '(none)'}\n"
+            f"Mod channel: {config.channel or '(none: flagged messages are only logged)'}\n"
+            f"Model classification: {'on' if config.classify else 'off'}\n"
+            f"Delete flagged messages: {'on' if config.delete else 'off'}"
         )
+    changes: dict[str, object]
     if action == "add" and value:
-        stored["terms"] = [*terms, value] if value not in terms else terms
+        changes = {"terms": [*terms, value] if value not in terms else terms}
         answer = f"Messages with “{value}” will be reported."
     elif action == "remove" and value in terms:
-        stored["terms"] = [t for t in terms if t != value]
+        changes = {"terms": [t for t in terms if t != value]}
         answer = f"“{value}” is no longer flagged."
     elif action == "remove" and value:
         return Reply(f"“{value}” is not one of this guild's terms (global terms are in the settings).", failed=True)
     elif action == "channel" and value:
-        stored["channel"] = request.channel_id if value.lower() == "here" else value.strip("<#>")
-        answer = f"Reports go to {stored['channel']}."
+        channel = request.channel_id if value.lower() == "here" else value.strip("<#>")
+        changes = {"channel": channel}
+        answer = f"Reports go to {channel}."
     elif action in ("classify", "delete") and switch is not None:
-        stored[action] = switch
+        changes = {action: switch}
         what = "Model classification" if action == "classify" else "Deleting flagged messages"
         answer = f"{what} is {value.lower()}."
     else:
         return Reply(USAGE, failed=True)
-    await ctx.memory.set_setting(request.guild_id, "", KEY, stored)
+    await ctx.update(ModerationGuild, request.place, **changes)
     return Reply(answer)
+
+
+@hookimpl
+def register_settings(register: Callable[[type], None]) -> None:
+    register(ModerationSettings)
+    register(ModerationGuild)
 
 
 @hookimpl

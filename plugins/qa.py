@@ -14,7 +14,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
-from bot.api import Command, Hit, Option, Place, PluginContext, Reply, Request, Section, hookimpl
+from pydantic import Field
+
+from bot.api import (
+    Command,
+    Hit,
+    Option,
+    Place,
+    PluginContext,
+    PluginSettings,
+    Reply,
+    Request,
+    Section,
+    hookimpl,
+    message_link,
+)
 
 NAME_CHARS = 100
 NOTHING_FOUND = (
@@ -24,22 +38,30 @@ NOTHING_FOUND = (
 ADD_USAGE = "/kb-add name:<name> <text>"
 
 
-def source_label(hit: Hit, transport: str, guild_id: str) -> str:
+class QaSettings(PluginSettings):
+    """QUILL_QA_*: how much of the knowledge base an answer cites and reads."""
+
+    max_sources: int = Field(4, ge=1, le=20, description="Most sources cited per answer.")
+    source_tokens: int = Field(
+        768, ge=64, description="Tokens of retrieved text put in the prompt (neighbouring passages fill what is left)."
+    )
+
+
+def source_label(hit: Hit, place: Place) -> str:
     """How a source is named in the prompt and under the answer: a document's name, or a
-    message's author, date and id (a link on Discord)."""
+    message's author, date and id (a jump link on Discord)."""
     if hit.kind == "doc":
         return f"document “{hit.name}”" + (f" › {hit.heading}" if hit.heading and hit.heading != hit.name else "")
     when = f" on {hit.created_at:%Y-%m-%d}" if hit.created_at else ""
-    where = f"message {hit.message_id}"
-    if transport == "discord" and guild_id and not hit.message_id.startswith("#"):
-        where = f"https://discord.com/channels/{guild_id}/{hit.channel_id}/{hit.message_id}"
+    where = message_link(place, hit.message_id, hit.channel_id) or f"message {hit.message_id}"
     return f"{hit.author}{when}, {where}"
 
 
 async def fit_sources(ctx: PluginContext, hits: list[Hit]) -> list[str]:
     """Each hit's text, cut so that all of them together stay within QUILL_QA_SOURCE_TOKENS,
     then with the passages beside it in its document where the tokens left allow."""
-    budget = ctx.settings.qa_source_tokens // len(hits)
+    total = ctx.config(QaSettings).source_tokens
+    budget = total // len(hits)
     texts, used = [], 0
     for hit in hits:
         body = hit.text
@@ -48,7 +70,7 @@ async def fit_sources(ctx: PluginContext, hits: list[Hit]) -> list[str]:
             body = body[: max(1, len(body) * budget // tokens)].rstrip() + " …"
         texts.append(body)
         used += min(tokens, budget)
-    return await with_neighbours(ctx, hits, texts, ctx.settings.qa_source_tokens - used)
+    return await with_neighbours(ctx, hits, texts, total - used)
 
 
 async def with_neighbours(ctx: PluginContext, hits: list[Hit], texts: list[str], left: int) -> list[str]:
@@ -74,15 +96,13 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
         return Reply("Usage: /ask <question>: answered from the knowledge base and past messages.", failed=True)
     hits = await ctx.search.search(
         request.text,
-        request.transport,
-        request.guild_id,
-        request.channel_id,
-        ctx.settings.qa_max_sources,
+        *request.place,
+        ctx.config(QaSettings).max_sources,
         min_relevance=ctx.settings.qa_min_relevance,
     )
     if not hits:
         return Reply(NOTHING_FOUND)
-    labels = [source_label(h, request.transport, request.guild_id) for h in hits]
+    labels = [source_label(h, request.place) for h in hits]
     texts = await fit_sources(ctx, hits)
     sources = [
         {"number": i, "label": label, "text": body}
@@ -105,17 +125,13 @@ async def _then(pieces: AsyncIterator[str], tail: str) -> AsyncIterator[str]:
     yield tail
 
 
-def _place(request: Request) -> tuple[str, str, str]:
-    return request.transport, request.guild_id, request.channel_id
-
-
 async def kb_add(ctx: PluginContext, request: Request) -> Reply:
     name = str(request.options["name"])
     if request.attachments:
         return await _add_files(ctx, request, name)
     if not request.text:
         return Reply("Usage: " + ADD_USAGE, failed=True)
-    count = await ctx.search.add_document(*_place(request), name, request.text, added_by=request.author_id)
+    count = await ctx.search.add_document(*request.place, name, request.text, added_by=request.author_id)
     return Reply(f"Added “{name}” to the knowledge base ({_passages(count)}).")
 
 
@@ -134,13 +150,13 @@ async def _add_files(ctx: PluginContext, request: Request, name: str) -> Reply:
             lines.append(f"- {filename}: not added, {why}")
             failed = True
             continue
-        count = await ctx.search.add_document(*_place(request), doc, body, added_by=request.author_id)
+        count = await ctx.search.add_document(*request.place, doc, body, added_by=request.author_id)
         lines.append(f"- “{doc}” ({_passages(count)})")
     return Reply("Knowledge base:\n" + "\n".join(lines), failed=failed)
 
 
 async def kb_list(ctx: PluginContext, request: Request) -> Reply:
-    docs = await ctx.search.list_documents(*_place(request))
+    docs = await ctx.search.list_documents(*request.place)
     if not docs:
         return Reply("The knowledge base is empty. An admin adds documents with " + ADD_USAGE)
     return Reply("Knowledge base:\n" + "\n".join(f"- {name} ({_passages(n)})" for name, n in docs))
@@ -150,7 +166,7 @@ async def kb_remove(ctx: PluginContext, request: Request) -> Reply:
     name = request.text
     if not name:
         return Reply("Usage: /kb-remove <name> (/kb-list shows the names)", failed=True)
-    if await ctx.search.remove_document(*_place(request), name):
+    if await ctx.search.remove_document(*request.place, name):
         return Reply(f"Removed “{name}” from the knowledge base.")
     return Reply(f"There is no document named “{name}”. /kb-list shows them.", failed=True)
 
@@ -162,11 +178,16 @@ def _passages(count: int) -> str:
 @hookimpl
 async def digest_sections(context: PluginContext, place: Place, since: datetime) -> Section | None:
     """The knowledge-base documents added (or replaced) in the place's guild since `since`."""
-    docs = await context.search.documents_since(place.transport, place.guild_id, place.channel_id, since)
+    docs = await context.search.documents_since(*place, since)
     if not docs:
         return None
     lines = [f"- {name} ({_passages(count)}), {added:%Y-%m-%d}" for name, count, added in docs]
     return Section("New in the knowledge base", "\n".join(lines))
+
+
+@hookimpl
+def register_settings(register: Callable[[type], None]) -> None:
+    register(QaSettings)
 
 
 @hookimpl

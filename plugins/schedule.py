@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bot.api import Command, Option, Place, PluginContext, Reply, Request, hookimpl
+from bot.api import Command, Option, PluginContext, QuillError, Reply, Request, hookimpl
 
 USAGE = (
     "/schedule add <name> <when> /<command> [args]  (option to:<channel>, default here)\n"
@@ -27,7 +27,7 @@ async def schedule(ctx: PluginContext, request: Request) -> Reply:
             when, slash, command = f" {rest}".partition(" /")
             if not slash:
                 return Reply(f"Say which command to run, e.g. /digest.\nUsage:\n{USAGE}", failed=True)
-            place = Place(request.transport, request.guild_id, request.channel_id)
+            place = request.place
             target = request.options.get("to") or request.channel_id
             job = await scheduler.add(name, when, place, "/" + command, target)
             summary = f"{job.command} ({job.when}) -> {job.target}"
@@ -54,7 +54,7 @@ async def schedule(ctx: PluginContext, request: Request) -> Reply:
                 return Reply(f"Removed {rest}.")
             reply = await scheduler.run_now(rest)
             return Reply(f"Ran {rest}" + ("." if reply.text else "; it had nothing to post."))
-    except ValueError as exc:  # ScheduleError: a bad schedule or an unknown job
+    except QuillError as exc:  # a bad schedule or an unknown job: its message says which
         return Reply(str(exc), failed=True)
     return Reply(f"Usage:\n{USAGE}", failed=True)
 

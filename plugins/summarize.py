@@ -32,6 +32,7 @@ from bot.api import (
     Option,
     Place,
     PluginContext,
+    PluginSettings,
     Reply,
     Request,
     Section,
@@ -56,6 +57,17 @@ TITLES = ("Key points", "Decisions", "Open questions", "Who said what")
 # Bounds of the options: QUILL_SUMMARIZE_MAX_MESSAGES's own bound, and a year.
 MAX_MESSAGES = 100_000
 MAX_HOURS = 24 * 365
+
+
+class SummarizeSettings(PluginSettings):
+    """QUILL_SUMMARIZE_*: how much a summary reads, in what parts, and how long it gets."""
+
+    default_messages: int = Field(200, ge=1, le=MAX_MESSAGES, description="Messages read when no count is given.")
+    max_messages: int = Field(5000, ge=1, le=MAX_MESSAGES, description="The most messages /summarize reads.")
+    chunk_tokens: int = Field(1536, ge=128, description="Tokens of messages per map step.")
+    note_tokens: int = Field(160, ge=16, description="Tokens of each intermediate note.")
+    max_items: int = Field(5, ge=1, le=20, description="List items per section of the result.")
+
 
 _LINE_BREAKS = re.compile(r"\s*\n\s*")
 _CITATION = re.compile(r"\[(\d{1,6})\]")
@@ -112,17 +124,17 @@ class Summarizer:
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx
         self.stats = Stats()
-        s = ctx.settings
-        self.note_tokens = s.summarize_note_tokens
-        self.final_tokens = FINAL_BASE_TOKENS + TOKENS_PER_ITEM * len(SECTIONS) * s.summarize_max_items
-        self.model = summary_model(s.summarize_max_items)
+        self.config = ctx.config(SummarizeSettings)
+        self.note_tokens = self.config.note_tokens
+        self.final_tokens = FINAL_BASE_TOKENS + TOKENS_PER_ITEM * len(SECTIONS) * self.config.max_items
+        self.model = summary_model(self.config.max_items)
 
     async def budget(self, prompt: str, final: bool) -> int:
         """Tokens of log text one call can take beside `prompt` and its reply."""
         reply = self.final_tokens if final else self.note_tokens
         system = await self.ctx.engine.count_tokens(self.ctx.prompts.render(prompt, final=final))
         room = self.ctx.engine.n_ctx - system - reply - 2 * TEMPLATE_TOKENS
-        budget = min(self.ctx.settings.summarize_chunk_tokens, room)
+        budget = min(self.config.chunk_tokens, room)
         if budget < 2 * (self.note_tokens + 1):
             raise ContextOverflow(
                 f"The model's context ({self.ctx.engine.n_ctx} tokens, QUILL_N_CTX) is too small to "
@@ -281,19 +293,19 @@ async def cited_summary(ctx: PluginContext, place: Place, messages: list[Any]) -
 
 
 async def summarize(ctx: PluginContext, request: Request) -> Reply:
-    cap = ctx.settings.summarize_max_messages
+    config = ctx.config(SummarizeSettings)
+    cap = config.max_messages
     count, hours = request.number("messages"), request.number("hours")
     if count is not None and count > cap:
         return Reply(f"I summarize at most {cap:,} messages (QUILL_SUMMARIZE_MAX_MESSAGES).", failed=True)
-    limit = count or (cap if hours else ctx.settings.summarize_default_messages)
+    limit = count or (cap if hours else config.default_messages)
     since = datetime.now(UTC) - timedelta(hours=hours) if hours else None
-    conv = await ctx.memory.conversation(request.transport, request.guild_id, request.channel_id)
+    conv = await ctx.memory.conversation(*request.place)
     assert conv.id is not None
     messages = await ctx.memory.recent_messages(conv.id, limit, since)
     if not messages:
         return Reply("There are no stored messages here to summarize yet.")
-    place = Place(request.transport, request.guild_id, request.channel_id)
-    text, _ = await cited_summary(ctx, place, messages)
+    text, _ = await cited_summary(ctx, request.place, messages)
     span = f"the last {hours} hour(s)" if hours else f"the last {len(messages)} messages"
     return Reply(text, title=f"Summary of {span}")
 
@@ -303,13 +315,18 @@ async def digest_sections(context: PluginContext, place: Place, since: datetime)
     """The digest's summary of what was said in `place` since `since`: None when nothing was,
     or when no point of it could be checked (the digest's own sections then speak for the
     period, never a "nothing notable")."""
-    conv = await context.memory.conversation(place.transport, place.guild_id, place.channel_id)
+    conv = await context.memory.conversation(*place)
     assert conv.id is not None
-    messages = await context.memory.recent_messages(conv.id, context.settings.summarize_max_messages, since)
+    messages = await context.memory.recent_messages(conv.id, context.config(SummarizeSettings).max_messages, since)
     if not messages:
         return None
     text, points = await cited_summary(context, place, messages)
     return Section("Summary", text) if points else None
+
+
+@hookimpl
+def register_settings(register: Callable[[type], None]) -> None:
+    register(SummarizeSettings)
 
 
 @hookimpl

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from lingua import Language, LanguageDetectorBuilder
+from pydantic import Field
 
-from bot.api import ChatMessage, Command, Option, PluginContext, Reply, Request, hookimpl
+from bot.api import ChannelSettings, ChatMessage, Command, Option, PluginContext, Reply, Request, hookimpl
 
-AUTO_KEY = "auto_translate"
 EXAMPLES = "fr (French), de (German), es (Spanish), pt (Portuguese), ja (Japanese), zh (Chinese)"
 MARKER = re.compile(r"⟦(\d+)⟧")
 
@@ -168,22 +168,30 @@ async def translate(ctx: PluginContext, request: Request) -> Reply:
     return Reply(f"{translation}\n\n_({language_name(source)} → {language_name(target)})_")
 
 
+class TranslateChannel(ChannelSettings):
+    """A channel's auto-translation (/autotranslate)."""
+
+    auto: str | None = Field(
+        None, max_length=8, description="Translate every message not in this language (ISO 639-1 code); empty: off."
+    )
+
+
 async def autotranslate(ctx: PluginContext, request: Request) -> Reply:
     choice = request.text.strip()
     if choice.casefold() == "off":
-        await ctx.memory.set_setting(request.guild_id, request.channel_id, AUTO_KEY, None)
+        await ctx.update(TranslateChannel, request.place, auto=None)
         return Reply("Auto-translation is off in this channel.")
     target = resolve_language(choice) if choice else None
     if target is None:
         return Reply(f"Usage: /autotranslate <language>|off, with a language such as {EXAMPLES}.", failed=True)
-    await ctx.memory.set_setting(request.guild_id, request.channel_id, AUTO_KEY, target.iso_code_639_1.name)
+    await ctx.update(TranslateChannel, request.place, auto=target.iso_code_639_1.name)
     return Reply(f"Messages in this channel not in {language_name(target)} will be translated into it.")
 
 
 @hookimpl
 async def on_message(context: PluginContext, request: Request) -> Reply | None:
     """Auto-translation: a message of a channel that has it on, not already in its language."""
-    code = await context.memory.get_setting(request.guild_id, request.channel_id, AUTO_KEY)
+    code = (await context.scoped(TranslateChannel, request.place)).auto
     target = resolve_language(code) if code else None
     if target is None or request.text.startswith("/"):
         return None
@@ -193,6 +201,11 @@ async def on_message(context: PluginContext, request: Request) -> Reply | None:
         return None
     who = request.author_name or request.author_id
     return Reply(f"{who} ({language_name(source)} → {language_name(target)}): {translation}")
+
+
+@hookimpl
+def register_settings(register: Callable[[type], None]) -> None:
+    register(TranslateChannel)
 
 
 @hookimpl

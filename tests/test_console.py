@@ -17,7 +17,6 @@ from bot.app import Quill
 from bot.config import Settings
 from bot.engine import ChatMessage, EngineError, GenerationOptions
 from bot.engine.local import LocalEngine
-from bot.plugins import make_plugin_manager
 from bot.router import Router
 from bot.transports.console import ConsoleTransport
 from tests.conftest import make_settings
@@ -142,9 +141,9 @@ class Scripted:
 @pytest.fixture
 async def scripted(app: Quill) -> tuple[Quill, Scripted]:
     plugin = Scripted()
-    pm = make_plugin_manager()
+    pm = app.plugins
     pm.register(plugin, "scripted")
-    app.router = Router(app.context, pm)
+    app.router = Router(app.context)
     return app, plugin
 
 

@@ -12,6 +12,8 @@ from bot.api import Place, PluginContext, Reply, Request, Section, hookimpl
 from bot.app import Quill
 from bot.config import Settings
 from bot.engine.local import LocalEngine
+from plugins.digest import DigestSettings
+from plugins.digest.mood import MoodSettings
 
 
 @pytest.fixture
@@ -107,7 +109,7 @@ async def test_next_digest_covers_only_what_came_since(app: Quill) -> None:
 
 
 async def test_an_empty_period_can_post_nothing(app: Quill) -> None:
-    app.settings.digest_when_empty = "skip"
+    app.context.config(DigestSettings).when_empty = "skip"
     reply = await app.router.handle(asking("/digest"))
     assert reply == Reply()  # no text, no chart: nothing is posted
 
@@ -261,6 +263,6 @@ async def test_an_empty_period_has_no_chart(app: Quill) -> None:
 async def test_the_model_route_gives_one_label_per_message_under_its_grammar(app: Quill) -> None:
     from plugins.digest import mood
 
-    app.settings.mood_method = "model"
+    app.context.config(MoodSettings).method = "model"
     labels = await mood.labels(app.context, ["Great work on the release, thanks!", "登录页面又挂了，很糟糕。"])
     assert len(labels) == 2 and set(labels) <= set(mood.LABELS)

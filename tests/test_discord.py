@@ -31,7 +31,7 @@ from bot.app import Quill
 from bot.models import Approval, Message
 from bot.router import Router
 from bot.transports.discord import (
-    HELP_CHANNELS,
+    DiscordGuild,
     DiscordStartError,
     QuillClient,
     ShardedQuillClient,
@@ -117,7 +117,7 @@ class ProbePlugin:
 def probe(app: Quill) -> ProbePlugin:
     plugin = ProbePlugin()
     app.plugins.register(plugin, "probe")
-    app.router = Router(app.context, app.plugins)
+    app.router = Router(app.context)
     return plugin
 
 
@@ -187,7 +187,7 @@ async def test_a_help_channel_question_is_answered_in_a_new_thread_that_continue
 ) -> None:
     help_channel, ada = channel("help"), member("ada")
     guild = str(help_channel.guild.id)
-    await app.memory.set_setting(guild, "", HELP_CHANNELS, [str(help_channel.id)])
+    await app.context.update(DiscordGuild, Place("discord", guild, ""), help_channels=[str(help_channel.id)])
 
     await post(help_channel, ada, "How do I reset my password?")
     [thread] = bot.api.threads
@@ -205,7 +205,9 @@ async def test_a_help_channel_question_is_answered_in_a_new_thread_that_continue
 
 async def test_a_thread_refused_by_discord_falls_back_to_answering_in_the_channel(bot: QuillClient, app: Quill) -> None:
     help_channel = channel("help")
-    await app.memory.set_setting(str(help_channel.guild.id), "", HELP_CHANNELS, [str(help_channel.id)])
+    await app.context.update(
+        DiscordGuild, Place("discord", str(help_channel.guild.id), ""), help_channels=[str(help_channel.id)]
+    )
 
     async def refuse(*args: Any, **kwargs: Any) -> None:
         raise discord.Forbidden(backend.FakeRequest(403, "Forbidden"), "Missing Permissions")
@@ -461,7 +463,9 @@ async def test_help_channel_marks_made_by_another_process_apply_at_once(
 ) -> None:
     other = await Quill.start(settings, engine=engine)  # a second bot process on the same database
     help_channel = channel("help")
-    await other.memory.set_setting(str(help_channel.guild.id), "", HELP_CHANNELS, [str(help_channel.id)])
+    await other.context.update(
+        DiscordGuild, Place("discord", str(help_channel.guild.id), ""), help_channels=[str(help_channel.id)]
+    )
     await other.close(close_engine=False)
     await post(help_channel, member("ada"), "/help")
     assert len(bot.api.threads) == 1
@@ -666,10 +670,10 @@ async def test_a_slash_number_out_of_range_is_refused_before_the_plugin(
     huge = [{"name": "days", "type": 4, "value": 10**12}]
     await invoke(interaction_payload(bot, general, member("ada"), ["retention"], huge, permissions=manager))
     assert "days takes a whole number from 0 to 36,500" in webhook.texts()[-1]
-    assert await app.memory.get_setting(str(general.guild.id), "", "retention_days") is None
+    assert await app.memory.get_settings(str(general.guild.id), "", "privacy") == {}
     ok = [{"name": "days", "type": 4, "value": 7}]
     await invoke(interaction_payload(bot, general, member("ada"), ["retention"], ok, permissions=manager))
-    assert await app.memory.get_setting(str(general.guild.id), "", "retention_days") == 7
+    assert await app.memory.get_settings(str(general.guild.id), "", "privacy") == {"privacy.retention_days": 7}
 
 
 async def test_forget_channel_by_a_member_is_refused_privately_and_by_mention_names_the_permission(

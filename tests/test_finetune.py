@@ -15,13 +15,14 @@ import pytest
 from PIL import Image
 from sqlmodel import Session, select
 
-from bot import finetune
 from bot.api import Reply, Request
 from bot.app import Quill
+from bot.builtin import finetune
+from bot.builtin.finetune import FinetuneSettings
+from bot.builtin.train import permute, write_adapter
 from bot.engine import ChatMessage, GenerationOptions
 from bot.engine.local import LocalEngine
 from bot.models import FinetuneRun
-from bot.train import permute, write_adapter
 
 GREEDY = GenerationOptions(max_tokens=16, temperature=0.0)
 QUESTION = [ChatMessage("user", "How do I handle deploys in Zorblax?")]
@@ -287,16 +288,17 @@ async def test_rollback_returns_to_the_previous_adapter_then_to_the_base(
 
 def quick_training(app: Quill, **overrides: object) -> None:
     """Tiny real training runs: rank 4, one epoch, 8 exchanges of the general set."""
+    app.settings.plugin_timeout = 1800  # per progress line; a loaded machine steps slowly
     values: dict[str, object] = {
-        "finetune_lora_rank": 4,
-        "finetune_epochs": 1,
-        "plugin_timeout": 1800,  # per progress line; a loaded machine steps slowly
-        "finetune_threads": 2,
-        "finetune_heldout_fraction": 0.25,
-        "finetune_general_sample": 8,
+        "lora_rank": 4,
+        "epochs": 1,
+        "threads": 2,
+        "heldout_fraction": 0.25,
+        "general_sample": 8,
     }
+    config = app.context.config(FinetuneSettings)
     for name, value in {**values, **overrides}.items():
-        setattr(app.settings, name, value)
+        setattr(config, name, value)
 
 
 async def test_training_improves_the_heldout_loss_and_is_served(app: Quill, engine: LocalEngine) -> None:
@@ -320,7 +322,7 @@ async def test_training_improves_the_heldout_loss_and_is_served(app: Quill, engi
         assert f"run 1: deployed (served now), held-out NLL/token {run.nll_before:.3f}" in status.text
         figures = json.loads(run.figures)
         assert len(figures["losses"]) == 12 and figures["general"]["examples"] == 8
-        assert figures["general"]["change"] <= app.settings.finetune_max_regression
+        assert figures["general"]["change"] <= app.context.config(FinetuneSettings).max_regression
         assert figures["groups"] == {"exchanges": 16, "groups": 16, "train": 12, "heldout": 4}
         assert "general-chat NLL/answer token: base" in status.text and "deploy: held-out NLL fell" in status.text
     finally:
@@ -334,7 +336,7 @@ async def test_an_adapter_that_ruins_general_chat_is_refused_and_the_served_one_
     """Every answer replaced by one fixed string, at a high learning rate: the held-out NLL falls
     (its answers are that string too) but general chat gets much worse, so the regression check
     refuses the adapter; the one served before stays. An admin can still deploy it, logged."""
-    quick_training(app, finetune_learning_rate=1e-2, finetune_heldout_fraction=1 / 3)
+    quick_training(app, learning_rate=1e-2, heldout_fraction=1 / 3)
     served = random_adapter(tmp_path / "served.gguf", seed=5, scale=0.05)
     common = {"base_model": "m", "dataset_path": "d", "dataset_sha256": "s"}
     with Session(app.memory.engine) as session:

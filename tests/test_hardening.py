@@ -25,7 +25,6 @@ from bot.engine.batched import BatchedEngine
 from bot.engine.local import LocalEngine
 from bot.memory import Memory
 from bot.models import Message
-from bot.plugins import make_plugin_manager
 from bot.router import Router, clean_text
 from tests.conftest import make_settings
 from tests.openai_servers import ScriptedHandler, ScriptedServer
@@ -70,9 +69,9 @@ def guarded(app: Quill) -> tuple[Router, AdminRecorder]:
     app.settings.max_input_chars = 800  # keeps each fuzzed prompt (and the test) short
     app.settings.max_reply_tokens = 8
     recorder = AdminRecorder()
-    pm = make_plugin_manager()
+    pm = app.plugins
     pm.register(recorder, "admin-recorder")
-    return Router(app.context, pm), recorder
+    return Router(app.context), recorder
 
 
 CHANNELS = itertools.count()
@@ -101,9 +100,9 @@ async def answer(router: Router, request: Request) -> str:
 
 
 async def test_every_admin_command_is_refused_for_a_non_admin(app: Quill) -> None:
-    pm = make_plugin_manager()
+    pm = app.plugins
     pm.register(AdminRecorder(), "admin-recorder")
-    router = Router(app.context, pm)
+    router = Router(app.context)
     admin_commands = [c.name for c in router.commands.values() if c.admin]
     assert "admin_action" in admin_commands
     for name in admin_commands:
@@ -133,9 +132,9 @@ class Hog:
 
 async def test_a_stalled_plugin_is_stopped_and_the_engine_queue_recovers(app: Quill) -> None:
     app.settings.plugin_timeout = 1.0
-    pm = make_plugin_manager()
+    pm = app.plugins
     pm.register(Hog(), "hog")
-    router = Router(app.context, pm)
+    router = Router(app.context)
     stalled = await router.handle(Request(transport="t", channel_id="c", author_id="u", text="/hog"))
     text = await answer_stream(stalled)
     assert "took too long" in text and stalled.failed

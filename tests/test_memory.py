@@ -88,13 +88,18 @@ async def test_messages_keep_their_fields(memory: Memory) -> None:
 
 
 async def test_settings_per_guild_and_channel(memory: Memory) -> None:
-    assert await memory.get_setting("g", "", "help_channels", []) == []
-    await memory.set_setting("g", "", "help_channels", ["c1"])
-    await memory.set_setting("g", "c1", "auto_translate", {"to": "fr"})
-    await memory.set_setting("g", "", "help_channels", ["c1", "c2"])
-    assert await memory.get_setting("g", "", "help_channels") == ["c1", "c2"]
-    assert await memory.get_setting("g", "c1", "auto_translate") == {"to": "fr"}
-    assert await memory.get_setting("other", "", "help_channels") is None
+    assert await memory.get_settings("g", "", "discord") == {}
+    await memory.set_settings("g", "", {"discord.help_channels": ["c1"]})
+    await memory.set_settings("g", "c1", {"translate.auto": {"to": "fr"}})
+    await memory.set_settings("g", "", {"discord.help_channels": ["c1", "c2"]})
+    assert await memory.get_settings("g", "", "discord") == {"discord.help_channels": ["c1", "c2"]}
+    assert await memory.get_settings("g", "c1", "translate") == {"translate.auto": {"to": "fr"}}
+    assert await memory.get_settings("other", "", "discord") == {}
+    # Namespaces are whole words: "discord" does not read "discordia.x"; cleared keys go.
+    await memory.set_settings("g", "", {"discordia.x": 1})
+    assert list(await memory.get_settings("g", "", "discord")) == ["discord.help_channels"]
+    await memory.set_settings("g", "", {}, cleared=["discord.help_channels"])
+    assert await memory.get_settings("g", "", "discord") == {}
 
 
 def test_sqlite_uses_wal(tmp_path: Path) -> None:

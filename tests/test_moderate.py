@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bot.api import Request
 from bot.app import Quill
-from plugins.moderate import LABELS, classify, matched_terms
+from plugins.moderate import LABELS, ModerationSettings, classify, matched_terms
 
 
 def request(text: str, **fields: object) -> Request:
@@ -36,7 +36,7 @@ def test_terms_match_whole_words_in_any_case_and_form() -> None:
 
 
 async def test_a_flagged_message_is_reported_to_the_mod_channel(app: Quill) -> None:
-    app.settings.moderation_terms = ["badword"]
+    app.context.config(ModerationSettings).terms = ["badword"]
     assert await app.router.observe(request("hello everyone")) == []
     assert await app.router.observe(request("this BADWORD again")) == []  # no mod channel yet: logged only
     await admin(app, "/moderation channel <#mods>")
@@ -74,7 +74,7 @@ async def test_model_classification_is_one_of_the_grammar_labels(app: Quill) -> 
 
 
 async def test_a_broken_moderation_config_does_not_stop_other_plugins(app: Quill) -> None:
-    await app.memory.set_setting("g1", "", "moderation", "not a mapping")  # e.g. edited by hand
+    await app.memory.set_settings("g1", "", {"moderate.terms": "not a list"})  # e.g. edited by hand
     await admin(app, "/autotranslate en")
     (posted,) = await app.router.observe(request("Bonjour à tous, la réunion est reportée à demain matin."))
     assert posted.text.startswith("Mallory (French → English): ")

@@ -11,9 +11,9 @@ from sqlalchemy import MetaData, text
 
 from bot.api import Command, PluginContext, Reply, Request, hookimpl
 from bot.app import Quill
+from bot.builtin.privacy import RetentionSettings, apply_retention
 from bot.memory import FTS_PREFIXES
 from bot.models import Message, utcnow
-from bot.privacy import apply_retention
 
 
 def ask(app: Quill, text: str, author: str = "u1", **fields: object) -> asyncio.Future[Reply]:
@@ -30,7 +30,7 @@ async def seed(app: Quill) -> None:
         for author in ("u1", "u2", "u1"):
             await memory.add_message(conv.id, role="user", content=f"{author} in {channel}", author_id=author)
         await memory.add_message(conv.id, role="assistant", content="reply", author_id="quill")
-    await memory.set_setting("g1", "", "help_channels", ["c1"])
+    await memory.set_settings("g1", "", {"discord.help_channels": ["c1"]})
 
 
 def snapshot(app: Quill) -> dict[str, set[tuple]]:
@@ -159,7 +159,7 @@ async def test_retention_deletes_exactly_the_older_messages(app: Quill) -> None:
     await add_aged(app, ages, now)
     await ask(app, "/retention 5", author="boss", is_admin=True)  # g1 keeps 5 days
     assert (await ask(app, "/retention 5")).failed  # members may not
-    app.settings.retention_days = 30  # the default for everyone else
+    app.context.config(RetentionSettings).days = 30  # the default for everyone else
     deleted = await apply_retention(app.context, now)
     assert deleted == {"g1": 2, "g2": 1, "": 1}
     assert await kept(app, ages) == {"g1": ["1d"], "g2": ["10d", "1d"], "": ["1d"]}
@@ -172,9 +172,8 @@ async def test_one_guilds_broken_retention_does_not_stop_the_others(app: Quill) 
     now = utcnow()
     ages = {"huge": [1, 40], "text": [1, 40], "g2": [1, 10, 40]}
     await add_aged(app, ages, now)
-    await app.memory.set_setting("huge", "", "retention_days", 99999999999999999999)
-    await app.memory.set_setting("text", "", "retention_days", "seven")
-    await app.memory.set_setting("g2", "", "retention_days", 5)
+    for guild, days in (("huge", 99999999999999999999), ("text", "seven"), ("g2", 5)):
+        await app.memory.set_settings(guild, "", {"privacy.retention_days": days})
     deleted = await apply_retention(app.context, now)
     assert deleted == {"g2": 2}
     assert await kept(app, ages) == {"huge": ["1d", "40d"], "text": ["1d", "40d"], "g2": ["1d"]}
@@ -229,7 +228,7 @@ async def test_retention_runs_as_the_schedulers_own_job(app: Quill) -> None:
         )
     await app.memory.add_message(conv.id, role="user", content="new", author_id="u")
     assert [j.id for j in await app.scheduler.jobs()] == []  # not one of the admins' jobs
-    app.settings.retention_days = 2
+    app.context.config(RetentionSettings).days = 2
     app.scheduler.aps.modify_job("quill-retention", "maintenance", next_run_time=utcnow())
     await app.scheduler.run_jobs()  # this process leads: the due job runs
     async with asyncio.timeout(20):

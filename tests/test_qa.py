@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import text
 
-from bot.api import Request
+from bot.api import Place, Request, Section
 from bot.app import Quill
 from bot.search import split_passages
 from bot.textindex import query_terms
-from plugins.qa import NOTHING_FOUND, fit_sources
+from plugins.qa import NOTHING_FOUND, QaSettings, fit_sources
 from tests.test_router import read
 
 GUIDE = """# Deploying
@@ -93,13 +94,13 @@ async def test_kb_add_list_remove_and_admin_only(app: Quill) -> None:
 
 async def test_answer_cites_documents_and_messages_from_the_store(app: Quill) -> None:
     await say(app, f"/kb-add name:deploy-guide {GUIDE}")
-    await store_message(app, "random", "To deploy to staging, connect the VPN first.", "m-771")
-    await store_message(app, "random", "Lunch is at noon.", "m-772")
+    await store_message(app, "random", "To deploy to staging, connect the VPN first.", "771")
+    await store_message(app, "random", "Lunch is at noon.", "772")
     answer = await say(app, "/ask how do I deploy to staging?")
     body, _, sources = answer.partition("\n\nSources:\n")
     assert sources.splitlines() == [  # document, section and quote; a message keeps its jump link
         "[1] document “deploy-guide” › Deploying: “Staging deploys run from the orange pipeline button in Jenkins.”",
-        f"[2] Ada on {_today()}, https://discord.com/channels/g1/random/m-771: "
+        f"[2] Ada on {_today()}, https://discord.com/channels/g1/random/771: "
         "“To deploy to staging, connect the VPN first.”",
     ]
     # The answer is a conversation turn; the sources list is shown, not stored.
@@ -190,16 +191,17 @@ async def test_a_chinese_question_finds_its_chinese_passage(app: Quill) -> None:
     assert [h.message_id for h in hits if h.kind == "message"] == ["m-9"]
 
 
-async def test_the_digest_lists_documents_added_since_the_last_one(app: Quill) -> None:
-    from bot.api import Place
+async def digest_sections(app: Quill, place: Place, since: datetime) -> list[Section]:
+    return [r.value for r in await app.hooks.call("digest_sections", place=place, since=since) if r.value]
 
+
+async def test_the_digest_lists_documents_added_since_the_last_one(app: Quill) -> None:
     before = _now()
     await say(app, f"/kb-add name:deploy-guide {GUIDE}")
-    assert app.context.digest_sections is not None
-    sections = await app.context.digest_sections(Place("discord", "g1", "help"), before)
+    sections = await digest_sections(app, Place("discord", "g1", "help"), before)
     (kb,) = [s for s in sections if s.title == "New in the knowledge base"]
     assert kb.body == f"- deploy-guide (1 passage), {_today()}"
-    later = await app.context.digest_sections(Place("discord", "g1", "help"), _now())
+    later = await digest_sections(app, Place("discord", "g1", "help"), _now())
     assert not [s for s in later if s.title == "New in the knowledge base"]
 
 
@@ -277,19 +279,19 @@ Badges for the zebrafish lab are printed at the front desk.
 
 async def test_passages_beside_a_hit_join_its_source_when_they_fit(app: Quill) -> None:
     await say(app, f"/kb-add name:onboarding {ONBOARDING}")
-    search, settings = app.context.search, app.settings
+    search, settings = app.context.search, app.context.config(QaSettings)
     hits = await search.search("Where are zebrafish lab badges printed?", "discord", "g1", "help", 4, min_relevance=0.4)
     assert [h.heading for h in hits] == ["Badges"]
     ((before, after),) = await search.neighbours(hits)
     assert "laptop" in before and "门禁卡" in after
     hit, laptops, door = [await app.engine.count_tokens(t) for t in (hits[0].text, before, after)]
-    settings.qa_source_tokens = hit + laptops + door  # room for both: in document order
+    settings.source_tokens = hit + laptops + door  # room for both: in document order
     assert await fit_sources(app.context, hits) == [f"{before}\n\n{hits[0].text}\n\n{after}"]
-    settings.qa_source_tokens = hit + laptops + door - 1  # the one after no longer fits
+    settings.source_tokens = hit + laptops + door - 1  # the one after no longer fits
     assert await fit_sources(app.context, hits) == [f"{before}\n\n{hits[0].text}"]
-    settings.qa_source_tokens = hit + min(laptops, door) - 1  # neither fits: the hit alone
+    settings.source_tokens = hit + min(laptops, door) - 1  # neither fits: the hit alone
     assert await fit_sources(app.context, hits) == [hits[0].text]
-    settings.qa_source_tokens = 4096  # context for the model, not another citation
+    settings.source_tokens = 4096  # context for the model, not another citation
     _, _, sources = (await say(app, "/ask Where are zebrafish lab badges printed?")).partition("\n\nSources:\n")
     assert sources.splitlines() == [
         "[1] document “onboarding” › Badges: “Badges for the zebrafish lab are printed at the front desk.”"

@@ -98,11 +98,11 @@ class BrokenRegistration:
 
 @pytest.fixture
 def router(app: Quill) -> Router:
-    pm = make_plugin_manager()
+    pm = app.plugins
     pm.register(TroublePlugin(), "trouble")
     pm.register(BrokenRegistration(), "broken")
     pm.register(Watcher(), "watcher")
-    return Router(app.context, pm)
+    return Router(app.context)
 
 
 async def test_help_lists_plugin_commands_and_hides_admin_ones(router: Router) -> None:
@@ -169,9 +169,8 @@ class SlowButSteady:
             return Reply("steady done")
 
         async def digest(ctx: PluginContext, req: Request) -> Reply:
-            assert ctx.digest_sections is not None
-            sections = await ctx.digest_sections(Place("test", "", "c1"), datetime.now(UTC))
-            return Reply(" ".join(s.body for s in sections))
+            results = await ctx.hooks.call("digest_sections", place=Place("test", "", "c1"), since=datetime.now(UTC))
+            return Reply(" ".join(r.value.body for r in results if isinstance(r.value, Section)))
 
         register(Command("steady", "slow but reports progress", steady))
         register(Command("digest", "a digest of slow sections", digest))
@@ -184,10 +183,9 @@ class SlowButSteady:
 
 async def test_a_plugin_reporting_progress_outlives_the_time_out(app: Quill) -> None:
     app.settings.plugin_timeout = 0.4  # each run takes 0.75 s, in steps of 0.15 s
-    pm = make_plugin_manager()
+    pm = app.plugins
     pm.register(SlowButSteady(), "steady")
-    router = Router(app.context, pm)
-    app.context.digest_sections = router.digest_sections
+    router = Router(app.context)
     assert (await router.handle(request("/steady"))).text == "steady done"
     assert "section done" in (await router.handle(request("/digest"))).text
     app.context.progress()  # outside any handler: nothing to renew, no error

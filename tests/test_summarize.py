@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -11,11 +12,21 @@ from typing import Any
 
 import pytest
 
-from bot.api import Place, PluginContext, Request
+from bot.api import Place, Request
 from bot.app import Quill
 from bot.engine import ChatMessage, ChatResult, GenerationOptions, Model
 from bot.engine.local import LocalEngine
-from plugins.summarize import Point, Stats, Summarizer, checked, log_lines, pack, render, summary_model
+from plugins.summarize import (
+    Point,
+    Stats,
+    Summarizer,
+    SummarizeSettings,
+    checked,
+    log_lines,
+    pack,
+    render,
+    summary_model,
+)
 from tests.conftest import make_settings
 
 NAMES = ("Ada", "Bea", "Cy")
@@ -45,13 +56,9 @@ class CountingEngine:
 @pytest.fixture
 async def small_app(tmp_path: Path, engine: LocalEngine) -> AsyncIterator[Quill]:
     """SQLite only, small chunks and notes: several map and merge steps on few messages."""
-    settings = make_settings(
-        tmp_path,
-        summarize_chunk_tokens=128,
-        summarize_note_tokens=16,
-        summarize_max_items=1,
-    )
-    quill = await Quill.start(settings, engine=engine)
+    quill = await Quill.start(make_settings(tmp_path), engine=engine)
+    config = quill.context.config(SummarizeSettings)
+    config.chunk_tokens, config.note_tokens, config.max_items = 128, 16, 1
     yield quill
     await quill.close(close_engine=False)
 
@@ -107,7 +114,7 @@ async def test_a_message_longer_than_a_chunk_is_cut_not_overflowing(small_app: Q
 
 async def test_model_calls_grow_linearly_with_the_messages(small_app: Quill) -> None:
     counting = CountingEngine(small_app.engine)  # type: ignore[arg-type]
-    ctx = PluginContext(counting, small_app.memory, small_app.settings, small_app.context.prompts)
+    ctx = dataclasses.replace(small_app.context, engine=counting)
     calls = []
     for size in (16, 32):
         conv_id = await seed(small_app, size, channel=f"size{size}")

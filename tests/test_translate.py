@@ -72,7 +72,7 @@ async def test_auto_translate_is_off_by_default_and_per_channel(app: Quill) -> N
     assert refused.failed and "admins only" in refused.text
     on = await app.router.handle(request("/autotranslate english", is_admin=True))
     assert "translated into" in on.text
-    assert await app.memory.get_setting("g1", "c1", "auto_translate") == "EN"
+    assert await app.memory.get_settings("g1", "c1", "translate") == {"translate.auto": "EN"}
     (posted,) = await app.router.observe(request(french, author_name="Ada"))
     assert posted.text.startswith("Ada (French → English): ") and posted.channel_id is None
     assert await app.router.observe(request("The meeting moved to tomorrow morning, everyone.")) == []

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from bot.types import QuillError
+
 if TYPE_CHECKING:
     from bot.config import Settings
 
@@ -29,7 +31,7 @@ MESSAGE_OVERHEAD_TOKENS = 8
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class EngineError(Exception):
+class EngineError(QuillError):
     """A request the engine could not serve; the message is fit to show a user."""
 
 

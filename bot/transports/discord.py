@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 import discord
 from discord import app_commands
+from pydantic import Field
 
-from bot.api import NO_ANSWER, Command, Option, Place, Reply, Request
-from bot.finetune import approve_answer
+from bot.api import NO_ANSWER, Command, GuildSettings, Option, Place, QuillError, Reaction, Reply, Request
 from bot.memory import StorageError
 from bot.router import clean_text
 from bot.transports.splitting import DISCORD_MESSAGE_LIMIT, split_message
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRANSPORT = "discord"
-APPROVE_EMOJI = "👍"
 EMBED_LIMIT = 4096
 EMBED_TITLE_LIMIT = 256
 DESCRIPTION_LIMIT = 100  # Discord's limit for command and option descriptions
@@ -50,7 +49,6 @@ ASCII_DIGITS = "0123456789"  # str.isdigit() also takes '²', which int() refuse
 SLASH_TEXT_LIMIT = 6000  # Discord's longest string option
 TEXT_FILE_SUFFIXES = (".md", ".markdown", ".txt", ".text", ".rst")
 MAX_TEXT_FILE = 1_000_000  # bytes; the router refuses text past QUILL_MAX_DOCUMENT_CHARS anyway
-HELP_CHANNELS = "help_channels"
 ADMIN_REFUSAL = "This needs the Manage Server permission (or your id in QUILL_ADMIN_IDS)."
 # discord.py waits out rate limits itself; one longer than this raises RateLimited instead.
 MAX_RATE_LIMIT_WAIT = 30.0
@@ -60,7 +58,17 @@ IMAGE_NAME = "chart.png"  # a reply's image (Reply.image), shown inside its embe
 T = TypeVar("T")
 
 
-class DiscordStartError(Exception):
+class DiscordGuild(GuildSettings):
+    """A server's Discord settings kept by quill (`/quill help-channel`)."""
+
+    namespace: ClassVar[str | None] = TRANSPORT
+
+    help_channels: list[str] = Field(
+        default_factory=list, description="Channels where each new question gets a thread of its own."
+    )
+
+
+class DiscordStartError(QuillError):
     """The bot could not connect; the message is fit to show (it never contains the token)."""
 
 
@@ -208,23 +216,18 @@ class QuillClientMixin:
             log.error("scheduled reply for %s not posted to %r", place, target)
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        """A 👍 on one of the bot's answers approves that answer for fine-tuning (/good approves
-        the latest); on a message that is no stored answer (help text, say) it does nothing."""
+        """A reaction on one of the bot's messages goes to every plugin's `on_reaction` (a 👍
+        approves that answer for fine-tuning); the bot's own reactions are not passed on."""
         me = self.user  # type: ignore[attr-defined]
-        if str(payload.emoji) != APPROVE_EMOJI or me is None or payload.user_id == me.id:
+        if me is None or payload.user_id == me.id:
             return
         if payload.message_author_id is not None and payload.message_author_id != me.id:
             return
         place = Place(TRANSPORT, str(payload.guild_id or ""), str(payload.channel_id))
-        try:
-            approved = await approve_answer(self.app.memory, place, str(payload.user_id), str(payload.message_id))
-        except StorageError as exc:
-            log.warning("approval not stored: %s", exc)
-            return
-        if approved is None:
-            log.info("👍 on message %s, which is not a stored answer: nothing approved", payload.message_id)
-            return
-        log.info("answer %s approved by %s", approved.id, payload.user_id)
+        reaction = Reaction(place, str(payload.user_id), str(payload.emoji), str(payload.message_id))
+        for result in await self.app.hooks.call("on_reaction", reaction=reaction):
+            if result.value:
+                log.info("%s: %s", result.plugin, result.value)
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -320,7 +323,7 @@ class QuillClientMixin:
     async def help_channels(self, guild_id: str) -> list[str]:
         """The channel ids marked as help channels in a guild (read each time: another process
         sharing the database may have changed them)."""
-        return list(await self.app.memory.get_setting(guild_id, "", HELP_CHANNELS, []))
+        return (await self.app.context.scoped(DiscordGuild, Place(TRANSPORT, guild_id, ""))).help_channels
 
     async def _is_help_question(self, message: discord.Message) -> bool:
         """A new question: a top-level message (not a reply) in a help channel."""
@@ -718,7 +721,7 @@ class QuillClientMixin:
         ids = await self.help_channels(guild_id)
         key = str(target.id)
         ids = sorted({*ids, key}) if add else [i for i in ids if i != key]
-        await self.app.memory.set_setting(guild_id, "", HELP_CHANNELS, ids)
+        await self.app.context.update(DiscordGuild, Place(TRANSPORT, guild_id, ""), help_channels=ids)
         done = "is now a help channel: each new question gets a thread" if add else "is no longer a help channel"
         await self._respond(interaction, f"<#{key}> {done}.")
 

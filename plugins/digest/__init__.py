@@ -13,23 +13,53 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from bot.api import Command, Option, Place, PluginContext, Reply, Request, Section, hookimpl
+from pydantic import Field
+
+from bot.api import (
+    ChannelSettings,
+    Command,
+    Option,
+    Place,
+    PluginContext,
+    PluginSettings,
+    Reply,
+    Request,
+    Section,
+    hookimpl,
+    message_link,
+)
 
 from . import chart, grounded, mood
 from .grounded import Said
 
-LAST_RUN = "digest.last_run"
 TOP = 3
 LIST_LIMIT = 8
 MOOD_DEFAULT_HOURS = 24
 MOOD_MAX_HOURS = 24 * 31
+
+
+class DigestSettings(PluginSettings):
+    """QUILL_DIGEST_*: what a digest does with a quiet period, and how far back the first looks."""
+
+    when_empty: Literal["say", "skip"] = Field(
+        "say", description="A period with no activity: 'say' posts a short 'nothing new', 'skip' posts nothing."
+    )
+    first_hours: int = Field(24, ge=1, le=24 * 366, description="Hours the first digest of a place covers.")
+
+
+class DigestChannel(ChannelSettings):
+    """Where the last digest of a place ended, so the next covers exactly the time since."""
+
+    last_run: datetime | None = Field(None, description="End of the last digest.", json_schema_extra={"internal": True})
+
+
 def _link(place: Place, channel_id: str, message_id: str | None) -> str:
-    """A jump link where the transport has them (Discord), else the channel's name."""
-    if place.transport == "discord" and message_id and place.guild_id:
-        return f"<#{channel_id}> ([start](https://discord.com/channels/{place.guild_id}/{channel_id}/{message_id}))"
+    """A thread with a jump link to its start where the transport has them (Discord), else its name."""
+    if (link := message_link(place, message_id, channel_id)) is not None:
+        return f"<#{channel_id}> ([start]({link}))"
     return f"#{channel_id}"
 
 
@@ -136,26 +166,29 @@ def mood_chart(ctx: PluginContext, messages: Sequence[Said]) -> bytes:
 
 
 async def digest(ctx: PluginContext, request: Request) -> Reply:
-    here = Place(request.transport, request.guild_id, request.channel_id)
+    here = request.place
+    config = ctx.config(DigestSettings)
     channels = request.text.replace(",", " ").split() or [request.channel_id]
     now = datetime.now(UTC)
-    last = await ctx.memory.get_setting(here.guild_id, here.channel_id, LAST_RUN)
-    since = datetime.fromisoformat(last) if last else now - timedelta(hours=ctx.settings.digest_first_hours)
+    last = (await ctx.scoped(DigestChannel, here)).last_run
+    since = last or now - timedelta(hours=config.first_hours)
     rows = await ctx.memory.messages_since(here.transport, here.guild_id, channels, since)
     messages = await people_said(ctx, rows)
     sections = [activity(here, rows)] if rows else []
     sections += grounded_sections(here, messages)
     if messages:
         sections.append(mood_section(ctx, here, messages))
-    if ctx.digest_sections is not None:
-        for channel in channels:
-            for section in await ctx.digest_sections(Place(here.transport, here.guild_id, channel), since):
+    for channel in channels:
+        for result in await ctx.hooks.call(
+            "digest_sections", place=Place(here.transport, here.guild_id, channel), since=since
+        ):
+            if isinstance(section := result.value, Section):  # a plugin that failed is left out (logged)
                 title = section.title if len(channels) == 1 else f"{section.title} (#{channel})"
                 sections.append(Section(title, section.body))
-    await ctx.memory.set_setting(here.guild_id, here.channel_id, LAST_RUN, now.isoformat())
+    await ctx.update(DigestChannel, here, last_run=now)
     title = f"Digest since {since:%Y-%m-%d %H:%M} UTC"
     if not sections:
-        if ctx.settings.digest_when_empty == "skip":
+        if config.when_empty == "skip":
             return Reply()
         return Reply("Nothing new.", title=title)
     text = "\n\n".join(f"**{s.title}**\n{s.body}" for s in sections)
@@ -164,7 +197,7 @@ async def digest(ctx: PluginContext, request: Request) -> Reply:
 
 async def mood_command(ctx: PluginContext, request: Request) -> Reply:
     hours = request.number("hours") or MOOD_DEFAULT_HOURS
-    here = Place(request.transport, request.guild_id, request.channel_id)
+    here = request.place
     since = datetime.now(UTC) - timedelta(hours=hours)
     rows = await ctx.memory.messages_since(here.transport, here.guild_id, [here.channel_id], since)
     messages = await people_said(ctx, rows)
@@ -172,6 +205,13 @@ async def mood_command(ctx: PluginContext, request: Request) -> Reply:
     if not messages:
         return Reply("No messages from people here in that time.", title=title)
     return Reply(mood_section(ctx, here, messages).body, title=title, image=mood_chart(ctx, messages))
+
+
+@hookimpl
+def register_settings(register: Callable[[type], None]) -> None:
+    register(DigestSettings)
+    register(mood.MoodSettings)
+    register(DigestChannel)
 
 
 @hookimpl

@@ -13,9 +13,12 @@ import asyncio
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from bot.api import ChatMessage, PluginContext, has_cjk
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from bot.api import ChatMessage, PluginContext, PluginSettings, has_cjk
 
 LABELS = ("positive", "neutral", "negative")
 GRAMMAR = "root ::= " + " | ".join(f'"{label}"' for label in LABELS)
@@ -23,6 +26,17 @@ GRAMMAR = "root ::= " + " | ".join(f'"{label}"' for label in LABELS)
 # so VADER's own ±0.05 turns a single mild word ("ok", "progress") into a mood.
 VADER_THRESHOLD = 0.3
 MODEL_TEXT_CHARS = 500
+
+
+class MoodSettings(PluginSettings):
+    """QUILL_MOOD_METHOD: how digests and /mood judge each message's mood."""
+
+    model_config = SettingsConfigDict(env_prefix="QUILL_MOOD_")
+    method: Literal["lexicon", "model"] = Field(
+        "lexicon",
+        description="'lexicon': VADER for English, HowNet's word lists for Chinese, no model call; "
+        "'model': the chat model under a grammar.",
+    )
 
 
 @functools.cache
@@ -67,6 +81,6 @@ async def model_label(ctx: PluginContext, text: str) -> str:
 async def labels(ctx: PluginContext, texts: Sequence[str]) -> list[str]:
     """The mood of each text, by the route the settings name. The word lists load once (jieba's
     dictionary takes about a second) and run off the event loop."""
-    if ctx.settings.mood_method == "model":
+    if ctx.config(MoodSettings).method == "model":
         return list(await asyncio.gather(*(model_label(ctx, t) for t in texts)))
     return await asyncio.to_thread(lambda: [lexicon_label(t) for t in texts])

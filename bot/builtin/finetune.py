@@ -4,7 +4,7 @@
 2. `/finetune export` builds a chat-format JSONL dataset from approved exchanges in channels
    where fine-tuning is enabled (`/finetune enable`), with ids, emails and tokens scrubbed,
    split into train and held-out files by groups of near-duplicate questions (never both sides).
-3. `/finetune train` trains a LoRA adapter in a child process (`python -m bot.train`; torch
+3. `/finetune train` trains a LoRA adapter in a child process (`python -m bot.builtin.train`; torch
    never enters the bot's process), streaming its steps and loss back as the reply.
 4. Eval gate: llama.cpp measures NLL per answer token without and with the adapter, on the
    held-out part and on a shipped general-chat set; an adapter is deployed (`engine.set_adapter`,
@@ -13,7 +13,8 @@
    a refused adapter stays on disk, and `/finetune deploy RUN` serves it anyway (logged).
 5. The previous adapter is kept: `/finetune rollback` swaps back to it (or to the base model).
 
-A core plugin (bot/plugins.py CORE_PLUGINS): its commands reach the fine-tune tables directly.
+A built-in plugin (bot/plugins.py CORE_PLUGINS): its commands reach the fine-tune tables directly,
+and a 👍 reaches it through the `on_reaction` hook.
 """
 
 from __future__ import annotations
@@ -33,16 +34,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from bot.api import Command, Place, PluginContext, Reply, Request, hookimpl
+from bot.api import (
+    ChannelSettings,
+    Command,
+    Place,
+    PluginContext,
+    PluginSettings,
+    QuillError,
+    Reaction,
+    Reply,
+    Request,
+    hookimpl,
+)
 from bot.memory import Memory
 from bot.models import Approval, Conversation, FinetuneRun, Message, ScopeSetting, utcnow
 
 log = logging.getLogger(__name__)
 
-ENABLED = "finetune.enabled"
+APPROVE_EMOJI = "👍"
 # The regression check's general-chat set, shipped with quill (written for it, English and Chinese).
 GENERAL_SET = Path(__file__).parent / "data" / "general_chat.jsonl"
 GENERAL_BASE_CACHE = "general-base-nll.json"  # the base model's figure on it, per model file
@@ -169,7 +182,37 @@ def split_groups(groups: list[list[int]], heldout_fraction: float, min_heldout_g
     return held
 
 
-class FinetuneError(Exception):
+class FinetuneSettings(PluginSettings):
+    """QUILL_FINETUNE_*: the LoRA training run and the eval gate that decides its deployment."""
+
+    heldout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of approved exchanges held out for the eval gate."
+    )
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    epochs: int = Field(4, ge=1, le=100, description="Training epochs.")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Training learning rate.")
+    min_examples: int = Field(8, ge=2, description="Fewest approved exchanges needed before training starts.")
+    threads: int = Field(1, ge=1, description="Threads of the training child process (it competes with replies).")
+    min_heldout_groups: int = Field(
+        4, ge=1, description="Groups of distinct questions the held-out part needs, or nothing is deployed."
+    )
+    max_regression: float = Field(
+        0.05,
+        ge=0,
+        description="Largest rise of the general-chat NLL an adapter may cause and still deploy (0.05: 5 %).",
+    )
+    general_sample: int = Field(
+        64, ge=1, description="Exchanges of the shipped general set the gate measures (English and Chinese alternate)."
+    )
+
+
+class FinetuneChannel(ChannelSettings):
+    """Whether a channel's approved answers are learned from (/finetune enable)."""
+
+    enabled: bool = Field(False, description="Learn from approved answers in this channel.")
+
+
+class FinetuneError(QuillError):
     """A fine-tune step that cannot go on; the message is fit to show a user."""
 
 
@@ -230,13 +273,13 @@ async def approve_answer(memory: Memory, place: Place, user_id: str, external_id
 # -- dataset --------------------------------------------------------------------------------
 
 
-def _exchanges(memory: Memory) -> list[tuple[list[dict[str, str]], str]]:
+def _exchanges(memory: Memory, enabled_key: str) -> list[tuple[list[dict[str, str]], str]]:
     """Approved answers with the user turn before each, in enabled channels, scrubbed; each with
     the asker's id (kept out of the files; see `_write_dataset`)."""
     with Session(memory.engine) as session:
         enabled = {
             (row.guild_id, row.channel_id)
-            for row in session.exec(select(ScopeSetting).where(ScopeSetting.key == ENABLED))
+            for row in session.exec(select(ScopeSetting).where(ScopeSetting.key == enabled_key))
             if json.loads(row.value) is True
         }
         approved = session.exec(
@@ -300,7 +343,8 @@ def _write_dataset(
 
 async def export_dataset(ctx: PluginContext) -> Dataset:
     """Build and write the dataset; at least two approved exchanges are needed (train + held out)."""
-    examples = await asyncio.to_thread(_exchanges, ctx.memory)
+    enabled_key = ctx.registry.entry(FinetuneChannel).key("enabled")
+    examples = await asyncio.to_thread(_exchanges, ctx.memory, enabled_key)
     if len(examples) < 2:
         raise FinetuneError(
             f"Only {len(examples)} approved exchange(s) in enabled channels; approve answers with /good "
@@ -308,10 +352,8 @@ async def export_dataset(ctx: PluginContext) -> Dataset:
         )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     folder = ctx.settings.data_dir / "finetune" / "datasets" / stamp
-    s = ctx.settings
-    return await asyncio.to_thread(
-        _write_dataset, examples, folder, s.finetune_heldout_fraction, s.finetune_min_heldout_groups
-    )
+    config = ctx.config(FinetuneSettings)
+    return await asyncio.to_thread(_write_dataset, examples, folder, config.heldout_fraction, config.min_heldout_groups)
 
 
 # -- runs -----------------------------------------------------------------------------------
@@ -357,10 +399,10 @@ def training_available() -> bool:
 
 
 async def child(args: Sequence[str], log_path: Path) -> AsyncIterator[dict[str, Any]]:
-    """Run `python -m bot.train ARGS`, yielding its JSON events; its stderr goes to `log_path`."""
+    """Run `python -m bot.builtin.train ARGS`, yielding its JSON events; its stderr goes to `log_path`."""
     with log_path.open("ab") as errors:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot.train", *args, stdout=asyncio.subprocess.PIPE, stderr=errors
+            sys.executable, "-m", "bot.builtin.train", *args, stdout=asyncio.subprocess.PIPE, stderr=errors
         )
         assert proc.stdout is not None
         try:
@@ -413,7 +455,7 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
     """Train (or, given `adapter`, only evaluate) and deploy if the eval gate says so.
 
     Yields progress lines; the run and all its figures are recorded whatever the outcome."""
-    s = ctx.settings
+    s, config = ctx.settings, ctx.config(FinetuneSettings)
     folder = s.data_dir / "finetune" / "adapters"
     folder.mkdir(parents=True, exist_ok=True)
     groups = {
@@ -431,7 +473,7 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
         n_train=dataset.n_train,
         n_heldout=dataset.n_heldout,
     )
-    problem = gate_problem(dataset, s.finetune_min_heldout_groups)
+    problem = gate_problem(dataset, config.min_heldout_groups)
     if problem is not None:  # never trained: nothing could tell whether it helps
         figures["decision"] = {"deploy": False, "reason": problem}
         run.status, run.figures = "rejected", json.dumps(figures)
@@ -444,10 +486,10 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
     args = ["eval", "--model", str(s.model_path), "--heldout", str(dataset.heldout), "--out", str(out)]
     if adapter is None:
         args[0] = "train"
-        args += ["--train", str(dataset.train), "--rank", str(s.finetune_lora_rank)]
-        args += ["--epochs", str(s.finetune_epochs), "--lr", str(s.finetune_learning_rate)]
-    args += ["--general", str(GENERAL_SET), "--general-sample", str(s.finetune_general_sample)]
-    args += ["--base-cache", str(folder.parent / GENERAL_BASE_CACHE), "--threads", str(s.finetune_threads)]
+        args += ["--train", str(dataset.train), "--rank", str(config.lora_rank)]
+        args += ["--epochs", str(config.epochs), "--lr", str(config.learning_rate)]
+    args += ["--general", str(GENERAL_SET), "--general-sample", str(config.general_sample)]
+    args += ["--base-cache", str(folder.parent / GENERAL_BASE_CACHE), "--threads", str(config.threads)]
     try:
         async for event in child(args, folder / f"run-{run.id}.log"):
             if event["event"] == "step":
@@ -468,7 +510,7 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
     if "heldout" not in figures:
         run.status, run.note = "failed", "no evaluation came back"
     else:
-        deploy, reason = decide(figures, s.finetune_max_regression)
+        deploy, reason = decide(figures, config.max_regression)
         figures["decision"] = {"deploy": deploy, "reason": reason}
         if deploy:
             await _serve(ctx, run)
@@ -633,7 +675,7 @@ FINETUNE_USAGE = "/finetune enable | disable | export | train | status | rollbac
 
 
 async def good(ctx: PluginContext, request: Request) -> Reply:
-    place = Place(request.transport, request.guild_id, request.channel_id)
+    place = request.place
     answer = await approve_answer(ctx.memory, place, request.author_id)
     if answer is None:
         return Reply("I have not answered anything here yet.", failed=True)
@@ -664,16 +706,17 @@ async def _progress(ctx: PluginContext, dataset: Dataset) -> AsyncIterator[str]:
 
 async def finetune(ctx: PluginContext, request: Request) -> Reply:
     action = request.text.strip().lower()
+    config = ctx.config(FinetuneSettings)
     try:
         if action in ("enable", "disable"):
-            await ctx.memory.set_setting(request.guild_id, request.channel_id, ENABLED, action == "enable")
+            await ctx.update(FinetuneChannel, request.place, enabled=action == "enable")
             return Reply(
                 f"Fine-tuning {'will' if action == 'enable' else 'will not'} learn from approved answers "
                 f"in this channel ({request.channel_id})."
             )
         if action == "export":
             data = await export_dataset(ctx)
-            problem = gate_problem(data, ctx.settings.finetune_min_heldout_groups)
+            problem = gate_problem(data, config.min_heldout_groups)
             warning = f"\nThe eval gate would refuse it: {problem}." if problem else ""
             return Reply(f"Exported {data.summary()}, to {data.folder}{warning}")
         if action == "status":
@@ -690,13 +733,13 @@ async def finetune(ctx: PluginContext, request: Request) -> Reply:
             if _training is not None and not _training.done():
                 return Reply("A training run is already in progress; /finetune status shows it.", failed=True)
             data = await export_dataset(ctx)
-            if data.n_train + data.n_heldout < ctx.settings.finetune_min_examples:
+            if data.n_train + data.n_heldout < config.min_examples:
                 return Reply(
                     f"{data.n_train + data.n_heldout} approved exchanges; training needs at least "
-                    f"{ctx.settings.finetune_min_examples} (QUILL_FINETUNE_MIN_EXAMPLES).",
+                    f"{config.min_examples} (QUILL_FINETUNE_MIN_EXAMPLES).",
                     failed=True,
                 )
-            if problem := gate_problem(data, ctx.settings.finetune_min_heldout_groups):
+            if problem := gate_problem(data, config.min_heldout_groups):
                 return Reply(f"Not training: {problem}.", failed=True)
             return Reply(stream=_progress(ctx, data), title="Fine-tuning")
     except FinetuneError as exc:
@@ -736,6 +779,29 @@ def _forget_contributor(ctx: PluginContext, user_id: str) -> int:
 @hookimpl
 async def forget_user(context: PluginContext, user_id: str) -> int:
     return await asyncio.to_thread(_forget_contributor, context, user_id)
+
+
+@hookimpl
+def register_settings(register: Callable[[type], None]) -> None:
+    register(FinetuneSettings)
+    register(FinetuneChannel)
+
+
+@hookimpl
+async def startup(context: PluginContext) -> None:
+    await restore_adapter(context)
+
+
+@hookimpl
+async def on_reaction(context: PluginContext, reaction: Reaction) -> str | None:
+    """A 👍 on one of the bot's answers approves that answer (/good approves the latest); on a
+    message that is no stored answer (help text, say) it does nothing."""
+    if reaction.emoji != APPROVE_EMOJI:
+        return None
+    approved = await approve_answer(context.memory, reaction.place, reaction.user_id, reaction.message_id)
+    if approved is None:
+        return f"👍 on message {reaction.message_id}, which is not a stored answer: nothing approved"
+    return f"answer {approved.id} approved by {reaction.user_id}"
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 """The fine-tune child process: trains a LoRA adapter with PEFT and measures it on llama.cpp.
 
-Run as `python -m bot.train train|eval ...` by `bot.finetune`, never imported by the bot: torch
+Run as `python -m bot.builtin.train train|eval ...` by `bot.builtin.finetune`, never imported by the bot: torch
 (and transformers, peft) stay out of the bot's process, and a training run that takes both
 cores for minutes never blocks its event loop. Progress goes to stdout as JSON lines.
 
@@ -240,7 +240,7 @@ def evaluate(args: argparse.Namespace, adapter: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bot.train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bot.builtin.train", description=__doc__)
     parser.add_argument("action", choices=["train", "eval"], help="train then evaluate, or evaluate only")
     parser.add_argument("--model", type=Path, required=True, help="the served GGUF model")
     parser.add_argument("--train", type=Path, help="chat-format JSONL to learn from")

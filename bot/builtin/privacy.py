@@ -1,0 +1,161 @@
+"""Data controls, a core plugin: erase, export and retention of what quill stores about people.
+
+Rows are found through the personal columns of every table (see `bot.models.PERSONAL`), and
+plugins erase and export what they keep elsewhere through the `forget_user` and `export_user`
+hooks (Red-DiscordBot pairs `red_delete_data_for_user` with `red_get_data_for_user` the same way).
+Each plugin is called on its own, so one that fails is named in the reply and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from bot.api import (
+    Command,
+    GuildSettings,
+    HookResult,
+    JobRegistrar,
+    Option,
+    PluginContext,
+    PluginSettings,
+    Reply,
+    Request,
+    hookimpl,
+)
+from bot.memory import MAX_RETENTION_DAYS
+from bot.models import utcnow
+
+log = logging.getLogger(__name__)
+
+USAGE = "me | channel | user <id>"
+
+
+class RetentionSettings(PluginSettings):
+    """QUILL_RETENTION_*: how long messages are kept where a guild sets nothing, and when the
+    retention job runs."""
+
+    model_config = SettingsConfigDict(env_prefix="QUILL_RETENTION_")
+    days: int = Field(0, ge=0, le=MAX_RETENTION_DAYS, description="Days messages are kept; 0: until erased.")
+    when: str = Field("daily 03:30", description="When old messages are deleted (a schedule, as /schedule takes).")
+
+
+class PrivacyGuild(GuildSettings):
+    """A guild's own retention (/retention)."""
+
+    retention_days: int | None = Field(
+        None, ge=0, le=MAX_RETENTION_DAYS, description="Days messages are kept here; unset: QUILL_RETENTION_DAYS."
+    )
+
+
+def _failures(results: list[HookResult]) -> str:
+    failed = sorted({r.plugin for r in results if r.failed})
+    return f" Not erased: what the plugin(s) {', '.join(failed)} keep; that failed and is logged." if failed else ""
+
+
+async def forget(ctx: PluginContext, request: Request) -> Reply:
+    what, _, rest = request.text.partition(" ")
+    if what == "me":
+        return await _forget_user(ctx, request.author_id, "you")
+    if what not in ("channel", "user"):
+        return Reply(f"Usage: /forget {USAGE}", failed=True)
+    if not request.is_admin:
+        hint = f" {request.admin_hint}" if request.admin_hint else ""
+        return Reply(f"/forget {what} is for admins only.{hint} /forget me erases your own data.", failed=True)
+    if what == "user":
+        if not (user_id := rest.strip().strip("<@!>")):
+            return Reply("Usage: /forget user <id or mention>", failed=True)
+        return await _forget_user(ctx, user_id, f"user {user_id}")
+    count = await ctx.memory.forget_place(*request.place)
+    log.info("forgot channel %s/%s: %d messages", request.guild_id, request.channel_id, count)
+    return Reply(f"Erased this channel's memory: {count} messages.")
+
+
+async def _forget_user(ctx: PluginContext, user_id: str, who: str) -> Reply:
+    """Erase quill's rows, then ask every plugin in turn; the reply lists what went and names
+    any plugin that failed, so a partial erase is never reported as a whole one."""
+    counts = await ctx.memory.forget_user(user_id)
+    results = await ctx.hooks.call("forget_user", user_id=user_id)
+    if erased := sum(int(r.value) for r in results if not r.failed and r.value):
+        counts["plugin data"] = erased
+    log.info("forgot user %s: %s", user_id, counts or "nothing stored")
+    failures = _failures(results)
+    if not counts:
+        return Reply(f"Nothing is stored about {who}.{failures}", failed=bool(failures))
+    listed = ", ".join(f"{n} from {table}" for table, n in sorted(counts.items()))
+    erased = "Erased everything stored" if not failures else "Erased part of what is stored"
+    return Reply(f"{erased} about {who}: {listed}.{failures}", failed=bool(failures))
+
+
+async def export(ctx: PluginContext, request: Request) -> Reply:
+    if request.text not in ("", "me"):
+        return Reply("Usage: /export me", failed=True)
+    data: dict[str, Any] = dict(await ctx.memory.export_user(request.author_id))
+    results = await ctx.hooks.call("export_user", user_id=request.author_id)
+    plugins = {r.plugin: r.value for r in results if not r.failed and r.value}
+    folder = ctx.settings.data_dir / "exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"quill-export-{_safe(request.author_id)}-{stamp}.json"
+    document = {"user_id": request.author_id, "exported_at": utcnow().isoformat(), "tables": data, "plugins": plugins}
+    path.write_text(json.dumps(document, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    rows = sum(len(v) for v in data.values())
+    failures = sorted({r.plugin for r in results if r.failed})
+    missing = f" Missing: what the plugin(s) {', '.join(failures)} keep; that failed and is logged." if failures else ""
+    return Reply(f"Your data: {rows} rows, in {path}{missing}", file=path, failed=bool(failures))
+
+
+async def retention(ctx: PluginContext, request: Request) -> Reply:
+    days = request.options.get("days")
+    if days is None:
+        current = (await ctx.scoped(PrivacyGuild, request.place)).retention_days
+        days = ctx.config(RetentionSettings).days if current is None else current
+        return Reply(f"Messages here are kept {f'{days} days' if days else 'until erased'}.")
+    await ctx.update(PrivacyGuild, request.place, retention_days=days)
+    return Reply(f"Messages older than {days} days will be deleted daily (0: never).")
+
+
+async def apply_retention(ctx: PluginContext, now: datetime | None = None) -> dict[str, int]:
+    """The retention job: delete old messages per guild, log how many."""
+    key = ctx.registry.entry(PrivacyGuild).key("retention_days")
+    deleted = await ctx.memory.apply_retention(ctx.config(RetentionSettings).days, key, now)
+    log.info("retention: deleted %s", deleted or "nothing")
+    return deleted
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:64]
+
+
+@hookimpl
+def register_settings(register: Callable[[type], None]) -> None:
+    register(RetentionSettings)
+    register(PrivacyGuild)
+
+
+@hookimpl
+def register_jobs(context: PluginContext, register: JobRegistrar) -> None:
+    async def run() -> None:
+        await apply_retention(context)
+
+    register("quill-retention", context.config(RetentionSettings).when, run)
+
+
+@hookimpl
+def register_commands(register: Callable[[Command], None]) -> None:
+    register(
+        Command("forget", "erase stored data: yours, or (admins) a channel's or a user's", forget, USAGE, private=True)
+    )
+    register(Command("export", "get everything stored about you as a JSON file", export, "me"))
+    days = Option(
+        "days", "days to keep messages (0: until erased)", kind=int, min=0, max=MAX_RETENTION_DAYS, positional=True
+    )
+    register(
+        Command("retention", "show or set how many days messages are kept here", retention, admin=True, options=(days,))
+    )
