@@ -14,7 +14,7 @@ from bot.config import Settings
 from bot.embedder import Embedder, EmbedderError, ServerEmbedder
 from bot.engine import Engine, ModelLoadError, start_engine
 from bot.engine.openai import OpenAIEngine
-from bot.hooks import Hooks, plugin_label
+from bot.hooks import Hooks
 from bot.memory import Memory
 from bot.plugin_config import SettingsRegistry
 from bot.plugins import make_plugin_manager
@@ -102,7 +102,7 @@ def declare_settings(hooks: Hooks) -> SettingsRegistry:
     what nobody asked."""
     registry = SettingsRegistry()
     for plugin, hook in hooks.implementations("register_settings"):
-        hook(register=functools.partial(registry.add, plugin_label(plugin)))
+        hook(register=functools.partial(registry.add, plugin))
     return registry
 
 

@@ -72,8 +72,8 @@ class Hooks:
         self.context: Any = None  # the PluginContext, set once it exists
 
     def implementations(self, name: str) -> list[tuple[str, Callable[..., Any]]]:
-        """(plugin name, function) of every implementation of hook `name`, in pluggy's order."""
-        return [(impl.plugin_name, impl.function) for impl in getattr(self.pm.hook, name).get_hookimpls()]
+        """(plugin's short name, function) of every implementation of hook `name`, in pluggy's order."""
+        return [(plugin_label(impl.plugin_name), impl.function) for impl in getattr(self.pm.hook, name).get_hookimpls()]
 
     def _arguments(self, function: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         wanted = inspect.signature(function).parameters

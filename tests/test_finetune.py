@@ -411,6 +411,10 @@ async def test_erasing_a_user_drops_their_examples_and_flags_adapters_trained_on
         session.add(run)
         session.commit()
 
+    exported = await app.router.handle(user("/export me", author_id="4242"))
+    assert exported.file is not None
+    (examples,) = json.loads(exported.file.read_text())["plugins"]["finetune"]["datasets"].values()
+    assert sorted(e["messages"][0]["content"] for e in examples) == ["question 0", "question 2"]
     reply = await app.router.handle(user("/forget me", author_id="4242"))
     assert "2 from plugin data" in reply.text, reply.text
 

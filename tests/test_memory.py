@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
-from sqlmodel import SQLModel
+from sqlmodel import SQLModel, select
 
-from bot.memory import Memory, StorageError, include_name
+from bot.memory import Memory, StorageError, alembic_config, include_name, make_db_engine, upgrade_schema
+from bot.models import ScopeSetting, utcnow
 
 
 @pytest.fixture
@@ -160,3 +163,51 @@ async def test_locked_database_is_a_storage_error_not_a_crash(tmp_path: Path) ->
     await store.add_message(conv.id, role="user", content="after", author_id="u")
     assert [m.content for m in await store.history(conv.id, 100)] == ["after"]
     store.close()
+
+
+def test_upgrade_namespaces_the_old_setting_keys(db_url: str) -> None:
+    """Settings stored before plugins owned them (migration 0007) keep their values under the
+    plugin's keys, moderation's one object split into fields, and downgrade restores them."""
+    engine = make_db_engine(db_url)
+    upgrade_schema(engine, "0006_reply_to")
+    old = {
+        ("g1", "", "retention_days"): 30,
+        ("g1", "", "help_channels"): ["c1", "c2"],
+        ("g1", "c1", "auto_translate"): "ZH",
+        ("g1", "c2", "auto_translate"): None,
+        ("g1", "", "moderation"): {"terms": ["机密", "secret"], "channel": "mods", "classify": None, "delete": True},
+        ("g1", "c1", "digest.last_run"): "2026-11-30T08:00:00+00:00",
+        ("g1", "c1", "finetune.enabled"): True,
+    }
+    with engine.begin() as conn:
+        for (guild, channel, key), value in old.items():
+            conn.execute(
+                ScopeSetting.__table__.insert().values(
+                    guild_id=guild, channel_id=channel, key=key, value=json.dumps(value), updated_at=utcnow()
+                )
+            )
+
+    def stored() -> dict[tuple[str, str, str], object]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(ScopeSetting.guild_id, ScopeSetting.channel_id, ScopeSetting.key, ScopeSetting.value)
+            )
+            return {(g, c, k): json.loads(v) for g, c, k, v in rows}
+
+    upgrade_schema(engine)
+    assert stored() == {
+        ("g1", "", "privacy.retention_days"): 30,
+        ("g1", "", "discord.help_channels"): ["c1", "c2"],
+        ("g1", "c1", "translate.auto"): "ZH",
+        ("g1", "", "moderate.terms"): ["机密", "secret"],
+        ("g1", "", "moderate.channel"): "mods",
+        ("g1", "", "moderate.delete"): True,
+        ("g1", "c1", "digest.last_run"): "2026-11-30T08:00:00+00:00",
+        ("g1", "c1", "finetune.enabled"): True,
+    }
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0006_reply_to")
+    back = {k: v for k, v in old.items() if v is not None}
+    back[("g1", "", "moderation")] = {"terms": ["机密", "secret"], "channel": "mods", "delete": True}
+    assert stored() == back
+    engine.dispose()

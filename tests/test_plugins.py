@@ -4,6 +4,7 @@ command without touching bot/; hooks are called plugin by plugin; the core impor
 from __future__ import annotations
 
 import ast
+import asyncio
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.api import Place, PluginContext, Request, SettingError, hookimpl
+from bot.api import Place, PluginContext, Reaction, Request, SettingError, hookimpl
 from bot.app import Quill
 from bot.config import REPO_ROOT
 from bot.engine.local import LocalEngine
@@ -202,3 +203,33 @@ def test_plugins_import_only_the_api_from_bot() -> None:
     for path in (REPO_ROOT / "plugins").rglob("*.py"):
         used = {m for m in _imports(path) if m.startswith("bot.") or m == "bot"}
         assert {m for m in used if not m.startswith("bot.api")} == set(), path
+
+
+class Stuck:
+    @hookimpl
+    async def on_reaction(self, reaction: Reaction) -> str:
+        await asyncio.Event().wait()  # never set: a plugin that hangs
+        return "unreachable"
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl
+    def on_reaction(self, context: PluginContext, reaction: Reaction) -> str:
+        self.seen.append(reaction.emoji)
+        return f"counted {reaction.emoji}"
+
+
+async def test_a_hook_that_hangs_times_out_alone(app: Quill) -> None:
+    """Each plugin's implementation runs under QUILL_PLUGIN_TIMEOUT on its own: the stuck one
+    comes back as a TimeoutError, the next one still runs, sync or async alike."""
+    app.settings.plugin_timeout = 0.3
+    counter = Counter()
+    app.plugins.register(Stuck(), "stuck")
+    app.plugins.register(counter, "counter")
+    reaction = Reaction(Place("test", "g1", "c1"), "u1", "🎉", "m1")
+    results = {r.plugin: r for r in await app.hooks.call("on_reaction", reaction=reaction)}
+    assert isinstance(results["stuck"].error, TimeoutError)
+    assert results["counter"].value == "counted 🎉" and counter.seen == ["🎉"]

@@ -747,12 +747,30 @@ async def finetune(ctx: PluginContext, request: Request) -> Reply:
     return Reply(f"Usage: {FINETUNE_USAGE}", failed=True)
 
 
+def _listings(ctx: PluginContext) -> list[Path]:
+    """Each dataset's contributor listing (a contributor key per line of each part)."""
+    return sorted((ctx.settings.data_dir / "finetune" / "datasets").glob(f"*/{CONTRIBUTORS}"))
+
+
+def _contributed(ctx: PluginContext, user_id: str) -> dict[str, list[Any]]:
+    """The user's examples in every dataset written so far, by dataset folder (for /export me)."""
+    key = contributor_key(user_id)
+    found: dict[str, list[Any]] = {}
+    for listing in _listings(ctx):
+        for name, keys in json.loads(listing.read_text(encoding="utf-8")).items():
+            lines = (listing.parent / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+            mine = [json.loads(line) for line, k in zip(lines, keys, strict=True) if k == key]
+            if mine:
+                found.setdefault(str(listing.parent), []).extend(mine)
+    return found
+
+
 def _forget_contributor(ctx: PluginContext, user_id: str) -> int:
     """Drop a user's examples from every dataset and mark the runs trained on them: an adapter
     cannot unlearn, so admins see which ones to retrain (`/finetune status`)."""
     key = contributor_key(user_id)
     removed_from: dict[str, int] = {}
-    for listing in sorted((ctx.settings.data_dir / "finetune" / "datasets").glob(f"*/{CONTRIBUTORS}")):
+    for listing in _listings(ctx):
         contributors = json.loads(listing.read_text(encoding="utf-8"))
         dropped = 0
         for name, keys in contributors.items():
@@ -779,6 +797,13 @@ def _forget_contributor(ctx: PluginContext, user_id: str) -> int:
 @hookimpl
 async def forget_user(context: PluginContext, user_id: str) -> int:
     return await asyncio.to_thread(_forget_contributor, context, user_id)
+
+
+@hookimpl
+async def export_user(context: PluginContext, user_id: str) -> dict[str, Any] | None:
+    """The user's exchanges copied into training datasets (scrubbed, as trained on)."""
+    found = await asyncio.to_thread(_contributed, context, user_id)
+    return {"datasets": found} if found else None
 
 
 @hookimpl
