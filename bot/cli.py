@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -35,10 +35,42 @@ Verbose = Annotated[
 ]
 
 
+class SecretFilter(logging.Filter):
+    """Replaces secrets (the bot token, the API key) in every log record a handler emits,
+    tracebacks included: a library may log a request, or an error quoting it."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = [secret for secret in secrets if secret]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        if any(secret in message for secret in self.secrets):
+            record.msg, record.args = self._redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._redact(record.exc_text)
+        return True
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+
+def secrets_in(settings: Settings) -> list[str]:
+    """The settings' secrets that must never reach a log."""
+    values = (settings.discord_token, settings.openai_api_key)
+    return [value.get_secret_value().strip() for value in values if value is not None]
+
+
 def setup_logging(settings: Settings, *, interactive: bool, verbose: bool = False) -> None:
     """Log to stderr; in the console (`quill chat`, `quill ask`) to `<data dir>/quill.log`
     instead, so no log line breaks into the conversation, unless `verbose` asks for both (or
-    the file cannot be written)."""
+    the file cannot be written). The settings' secrets are redacted from every line."""
     level = getattr(logging, settings.log_level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
@@ -52,8 +84,10 @@ def setup_logging(settings: Settings, *, interactive: bool, verbose: bool = Fals
             typer.secho(f"quill: cannot write the log file ({exc}); logging to the terminal", err=True)
     if verbose or not handlers:
         handlers.append(logging.StreamHandler(sys.stderr))
+    redact = SecretFilter(secrets_in(settings))
     for handler in handlers:
         handler.setFormatter(fmt)
+        handler.addFilter(redact)
         root.addHandler(handler)
 
 

@@ -63,9 +63,10 @@ class Settings(BaseSettings):
     # Discord transport (bot/transports/discord/); the token above turns it on.
     # Seconds between edits of a reply that is streaming: Discord rate-limits message edits.
     discord_edit_interval: float = Field(default=1.0, ge=0.2)
-    # One gateway connection per shard (discord.AutoShardedClient); needed past ~2,500 servers.
+    # quill runs discord.AutoShardedClient: false = one shard, true = one gateway connection per
+    # shard, as many as Discord recommends unless the count below says (needed past ~2,500 servers).
     discord_sharded: bool = False
-    # With sharding, run only some shards in this process (several processes, one database).
+    # With sharding, the total shard count, and the shards this process runs (several processes, one database).
     discord_shard_count: int | None = Field(default=None, ge=1)
     discord_shard_ids: list[int] | None = None
     # Publish the slash commands globally at start (`/quill sync` does it on request).

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import discord
 import discord.ext.test as dpytest
-from discord.ext.test import backend, factories
+from discord.ext.test import backend, factories, runner
 from discord.webhook.async_ import AsyncWebhookAdapter
 
-from bot.transports.discord import QuillClientMixin
+from bot.transports.discord import QuillClient
 
 
 class FakeDiscordApi:
     """What dpytest's fake HTTP client lacks: threads from messages and command sync."""
 
-    def __init__(self, client: QuillClientMixin) -> None:
+    def __init__(self, client: QuillClient) -> None:
         self.client = client
         self.threads: list[discord.Thread] = []
         self.synced: dict[str, list[dict[str, Any]]] = {}
@@ -33,13 +35,13 @@ class FakeDiscordApi:
     async def start_thread_with_message(
         self, channel_id: int, message_id: int, *, name: str, auto_archive_duration: int, **_: Any
     ) -> dict[str, Any]:
-        channel = self.client.get_channel(channel_id)  # type: ignore[attr-defined]
+        channel = self.client.get_channel(channel_id)
         data = {
             "id": factories.make_id(),
             "type": discord.ChannelType.public_thread.value,
             "guild_id": channel.guild.id,
             "parent_id": channel_id,
-            "owner_id": self.client.user.id,  # type: ignore[attr-defined]
+            "owner_id": self.client.me.id,
             "name": name,
             "thread_metadata": {
                 "archived": False,
@@ -69,20 +71,29 @@ class FakeDiscordApi:
         return [{**c, "id": factories.make_id(), "application_id": application_id} for c in payload]
 
 
-def attach(client: QuillClientMixin) -> FakeDiscordApi:
+# dpytest 0.7.0's configure() refuses every AutoShardedClient ("Sharded clients not yet
+# supported"), and quill's client always is one (a single shard unless sharding is asked for).
+# dpytest's fake state and HTTP client serve it as they serve a plain Client, since the tests
+# never reach a shard's gateway connection; so configure() runs with its guard (its module's
+# `discord.AutoShardedClient`, read only there) seeing a class that no client is an instance of.
+UNGUARDED = SimpleNamespace(Client=discord.Client, AutoShardedClient=type("NotAClient", (), {}))
+
+
+def attach(client: QuillClient) -> FakeDiscordApi:
     """Configure dpytest for `client` (channels general/mods/help, members ada/bob) and fill
     the gaps listed above."""
-    dpytest.configure(client, text_channels=["general", "mods", "help"], members=["ada", "bob"])
+    with mock.patch.object(runner, "discord", UNGUARDED):
+        dpytest.configure(client, text_channels=["general", "mods", "help"], members=["ada", "bob"])
     api = FakeDiscordApi(client)
-    http = client.http  # type: ignore[attr-defined]
+    http = client.http
     http.start_thread_with_message = api.start_thread_with_message
     http.bulk_upsert_global_commands = api.bulk_upsert_global_commands
     http.bulk_upsert_guild_commands = api.bulk_upsert_guild_commands
     # dpytest swaps the client's connection state and HTTP client after the command tree was
     # bound to the originals; point the tree at the ones in use.
-    state = client._connection  # type: ignore[attr-defined]
+    state = client._connection
     state._command_tree = client.tree
-    state.application_id = client.user.id  # type: ignore[attr-defined]
+    state.application_id = client.me.id
     client.tree._state, client.tree._http = state, http
     return api
 

@@ -30,15 +30,9 @@ from bot.api import BOT_AUTHOR_ID, Command, Option, Place, PluginContext, Reply,
 from bot.app import Quill
 from bot.models import Approval, Message
 from bot.router import Router
-from bot.transports.discord import (
-    DiscordGuild,
-    DiscordStartError,
-    QuillClient,
-    ShardedQuillClient,
-    make_client,
-    run_discord,
-)
+from bot.transports.discord import DiscordGuild, DiscordStartError, QuillClient, make_client, run_discord
 from plugins.digest import chart
+from tests.conftest import make_settings
 from tests.discord_helpers import (
     RecordingWebhookAdapter,
     attach,
@@ -492,6 +486,7 @@ async def test_a_rejected_token_fails_clearly_and_never_reaches_the_logs(
     monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
     app.settings.discord_token = SecretStr(token)
     caplog.set_level(logging.DEBUG)
+    caplog.handler.addFilter(cli.SecretFilter(cli.secrets_in(app.settings)))  # as `quill run` sets up logging
     try:
         with pytest.raises(DiscordStartError) as failure:
             await run_discord(app)
@@ -502,6 +497,32 @@ async def test_a_rejected_token_fails_clearly_and_never_reaches_the_logs(
     assert "rejected the bot token" in str(failure.value) and token not in str(failure.value)
     assert "[redacted]" in caplog.text and token not in caplog.text
     assert token not in repr(app.settings)
+
+
+def test_the_logging_set_up_redacts_the_token_and_the_api_key(tmp_path: Any) -> None:
+    """`quill run` logs through `setup_logging`, which hides both secrets from messages and
+    tracebacks (the rejected-token test above applies the same filter to a real login)."""
+    settings = make_settings(
+        tmp_path, discord_token=SecretStr(" MTIz.token-value.xyz "), openai_api_key=SecretStr("sk-local-key")
+    )
+    root = logging.getLogger()
+    level, before = root.level, list(root.handlers)
+    cli.setup_logging(settings, interactive=True)
+    try:
+        log = logging.getLogger("discord.http")
+        log.warning("sending Bot MTIz.token-value.xyz with key %s", "sk-local-key")
+        try:
+            raise RuntimeError("Authorization: Bearer sk-local-key")
+        except RuntimeError:
+            log.exception("request failed")
+    finally:
+        for handler in set(root.handlers) - set(before):
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+    logged = (settings.data_dir / "quill.log").read_text()
+    assert "sending Bot [redacted] with key [redacted]" in logged and "Bearer [redacted]" in logged
+    assert "token-value" not in logged and "sk-local-key" not in logged
 
 
 def test_quill_run_without_a_token_points_to_console_mode(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -519,9 +540,19 @@ async def test_sharding_is_a_setting(app: Quill) -> None:
         make_client(app)
     app.settings.discord_shard_count, app.settings.discord_shard_ids = 4, [2, 3]
     sharded = make_client(app)
-    assert isinstance(sharded, discord.AutoShardedClient) and isinstance(sharded, ShardedQuillClient)
+    assert isinstance(sharded, discord.AutoShardedClient) and isinstance(sharded, QuillClient)
     assert (sharded.shard_count, sharded.shard_ids) == (4, [2, 3])
     assert sharded.tree.get_command("chat") is not None
+
+
+def test_one_client_class_runs_one_shard_or_as_many_as_discord_recommends(app: Quill) -> None:
+    """Always an AutoShardedClient: not sharded is a single shard; sharded without a count
+    leaves it to Discord, which names the recommended count at login."""
+    single = make_client(app)
+    assert isinstance(single, discord.AutoShardedClient) and (single.shard_count, single.shard_ids) == (1, None)
+    app.settings.discord_sharded = True
+    recommended = make_client(app)
+    assert (recommended.shard_count, recommended.shard_ids) == (None, None)
 
 
 # -- wiring to the scheduler, fine-tuning and moderation --------------------------------------
