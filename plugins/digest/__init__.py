@@ -179,9 +179,7 @@ async def digest(ctx: PluginContext, request: Request) -> Reply:
     if messages:
         sections.append(mood_section(ctx, here, messages))
     for channel in channels:
-        for result in await ctx.hooks.call(
-            "digest_sections", place=Place(here.transport, here.guild_id, channel), since=since
-        ):
+        for result in await ctx.hooks.call("digest_sections", place=here._replace(channel_id=channel), since=since):
             if isinstance(section := result.value, Section):  # a plugin that failed is left out (logged)
                 title = section.title if len(channels) == 1 else f"{section.title} (#{channel})"
                 sections.append(Section(title, section.body))
