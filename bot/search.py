@@ -6,9 +6,10 @@ SQLite, a 'simple' tsvector GIN index on PostgreSQL, both made by migration 0004
 candidates. The final ranking and the relevance of each hit are computed here, from the same
 figures on both databases: BM25 for the order, and for relevance the share of the question's
 weight (each term weighed by its IDF) that the passage contains. With an embedder (bot/embedder.py)
-the nearest vectors join the candidates and a hit's relevance is the larger of its lexical and
-its weighted semantic one. A question whose best hit is under the floor (QUILL_QA_MIN_RELEVANCE,
-chosen with `bench/retrieval.py`) finds nothing, so one generic shared word is not a match.
+the nearest vectors join the candidates and a hit's relevance is its weighted semantic one, or
+the mean of that and its lexical one where larger (`fuse`). A question whose best hit is under
+the floor (QUILL_QA_MIN_RELEVANCE, chosen with `bench/retrieval.py`) finds nothing, so one generic
+shared word is not a match.
 """
 
 from __future__ import annotations
