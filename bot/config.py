@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A cosine similarity that counts as relevant (QUILL_EMBEDDING_MIN_SIMILARITY): 1 would leave no room.
+Similarity = Annotated[float, Field(gt=0.0, lt=1.0)]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -148,7 +150,7 @@ class Settings(BaseSettings):
     # The cosine similarity that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically: one
     # for all languages (0.8) or per question language ({"zh": 0.87}); empty, or a language not
     # named: the embedder's own, chosen with bench/retrieval.py (bot/embedder.py).
-    embedding_min_similarity: float | dict[str, float] | None = None
+    embedding_min_similarity: Similarity | dict[str, Similarity] | None = None
     # Summarizer: messages read when no count is given, the most it reads, tokens of messages
     # per map step, tokens of each intermediate note, list items per section of the result.
     summarize_default_messages: int = Field(default=200, ge=1, le=100_000)
