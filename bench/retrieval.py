@@ -1,6 +1,6 @@
 """Retrieval quality and speed of the knowledge base, on the shipped evaluation set.
 
-    python -m bench.retrieval [--cjk jieba|bigram] [--passages 10000]
+    python -m bench.retrieval [--cjk jieba|bigram] [--passages 10000] [--questions all|tune|holdout]
 
 The set (bench/sets/retrieval/) is six documents written for the project (three Chinese, three
 English; one FAQ of each) and questions.jsonl: per language, keyword questions (the document's
@@ -13,25 +13,30 @@ floor in force), the zero-hit rate on answerable questions and the false-hit rat
 off-topic ones; a sweep of the floor (QUILL_QA_MIN_RELEVANCE) to choose it; then indexing
 throughput and query latency p50/p95 with `--passages` passages stored.
 
-Three retrievers: lexical (bot/search.py's BM25 and relevance), semantic only (the packaged
-all-MiniLM-L6-v2, built into data/embedders/ on first run, with weight 1 in both languages to
-show what it does in Chinese) and hybrid (the settings' per-language weights); `--no-embeddings`
-skips the last two. Query latency with embeddings is measured on 10,000 stored vectors, those of
-the filler passages being random unit vectors (the search's arithmetic is the same), because
-embedding 10,000 passages on 2 cores takes long; embedding throughput is measured on its own.
+Three retrievers: lexical (bot/search.py's BM25 and relevance), semantic only (the embedder in
+force, QUILL_EMBEDDING_MODEL / QUILL_EMBEDDING_MODEL_PATH, with weight 1 in both languages) and
+hybrid (the per-language weights in force); `--no-embeddings` skips the last two. Query latency
+with embeddings is measured on 10,000 stored vectors, those of the filler passages being random
+unit vectors (the search's arithmetic is the same, and each question is embedded for real),
+because embedding 10,000 passages on 2 cores takes long; embedding throughput is measured on its
+own.
+
+`--questions tune` keeps the questions of every other answer section (and every other off-topic
+question), `holdout` the rest: choose settings on one half, check them on the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import statistics
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +44,7 @@ from sqlalchemy import text
 
 from bot import textindex
 from bot.config import Settings
-from bot.embedder import Embedder
+from bot.embedder import local_embedder
 from bot.memory import Memory
 from bot.search import Hit, Retrieval, Search, Semantic, relevant
 
@@ -47,7 +52,7 @@ DATA = Path(__file__).parent / "sets" / "retrieval"
 PLACE = ("bench", "g1", "help")
 TOP = 4
 FLOORS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-SIMILARITIES = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+WEIGHTS = (0.0, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,21 @@ class Question:
     heading: str
 
 
-def load_questions() -> list[Question]:
+def load_questions(half: str = "all") -> list[Question]:
+    """The evaluation questions, or one `half` of them: "tune" or "holdout", split by answer
+    section (a section's keyword and paraphrase questions stay together) and off-topic ones
+    alternately."""
     lines = (DATA / "questions.jsonl").read_text(encoding="utf-8").splitlines()
-    return [Question(**json.loads(line)) for line in lines if line.strip()]
+    questions = [Question(**json.loads(line)) for line in lines if line.strip()]
+    if half == "all":
+        return questions
+    sections = list(dict.fromkeys((q.lang, q.doc, q.heading) for q in questions if q.type != "off-topic"))
+    off_topic = [q for q in questions if q.type == "off-topic"]
+
+    def slot(q: Question) -> int:
+        return off_topic.index(q) if q.type == "off-topic" else sections.index((q.lang, q.doc, q.heading))
+
+    return [q for q in questions if slot(q) % 2 == (half == "holdout")]
 
 
 async def index_documents(search: Search) -> int:
@@ -156,22 +173,35 @@ async def embed_all(search: Search) -> float:
 
 
 async def semantic_runs(memory: Memory, questions: list[Question], settings: Settings, floor: float) -> Semantic:
-    """Semantic-only and hybrid tables, and a sweep of QUILL_EMBEDDING_MIN_SIMILARITY."""
-    embedder = Embedder(Embedder.resolve_path(settings.embedding_model_path, settings.data_dir), 2)
+    """Semantic-only and hybrid tables, and sweeps of QUILL_EMBEDDING_MIN_SIMILARITY and of the
+    Chinese and English weights around the settings in force (the embedder's own where empty)."""
+    embedder = local_embedder(settings)
     await embedder.start()
-    both = Semantic(embedder, {"en": 1.0, "zh": 1.0}, settings.embedding_min_similarity, floor)
+    # The quality runs ask each question many times: embed it once (the latency figure does not).
+    embedder.embed_query = functools.lru_cache(maxsize=None)(embedder.embed_query)  # type: ignore[method-assign]
+    chosen = Semantic.of(embedder, floor, settings.embedding_weights, settings.embedding_min_similarity)
+    both = replace(chosen, weights={"en": 1.0, "zh": 1.0})
     rate = await embed_all(Search(memory.engine, both))
     print(f"\nembedder {embedder.model_id}: {rate:,.0f} passages/min embedded")
     report(questions, await ask_all(Search(memory.engine, both), questions, "semantic"), floor, "semantic only")
     print("\nhybrid: QUILL_EMBEDDING_MIN_SIMILARITY sweep at the floor in force")
     print("| min similarity | " + SWEEP_HEADER)
     print("| --- " * 7 + "|")
-    for similarity in SIMILARITIES:
-        trial = Semantic(embedder, settings.embedding_weights, similarity, floor)
+    middle = statistics.mean(chosen.min_similarity.values())
+    step = round((1.0 - middle) / 7, 2)
+    for similarity in (middle + step * i for i in range(-3, 4)):
+        trial = replace(chosen, min_similarity=dict.fromkeys(chosen.min_similarity, similarity))
         results = await ask_all(Search(memory.engine, trial), questions, "hybrid")
         print(f"| {similarity:.2f} | {sweep_row(questions, results, floor)} |")
-    chosen = Semantic(embedder, settings.embedding_weights, settings.embedding_min_similarity, floor)
+    print("\nhybrid: QUILL_EMBEDDING_WEIGHTS sweep (the same weight for both languages)")
+    print("| weight | " + SWEEP_HEADER)
+    print("| --- " * 7 + "|")
+    for weight in WEIGHTS:
+        trial = replace(chosen, weights={"en": weight, "zh": weight})
+        results = await ask_all(Search(memory.engine, trial), questions, "hybrid")
+        print(f"| {weight:.2f} | {sweep_row(questions, results, floor)} |")
     report(questions, await ask_all(Search(memory.engine, chosen), questions, "hybrid"), floor, "hybrid")
+    del embedder.embed_query
     return chosen
 
 
@@ -225,6 +255,7 @@ async def main() -> None:
     p.add_argument("--cjk", choices=["jieba", "bigram"], default="jieba", help="how Han text is segmented")
     p.add_argument("--passages", type=int, default=10_000, help="passages stored for the speed figures (0: skip)")
     p.add_argument("--no-embeddings", action="store_true", help="lexical figures only")
+    p.add_argument("--questions", choices=["all", "tune", "holdout"], default="all", help="which half of the set")
     args = p.parse_args()
     textindex.CJK_MODE = args.cjk
     settings = Settings()  # the data folder (the embedder GGUF) and the weights in force
@@ -233,7 +264,7 @@ async def main() -> None:
         memory = Memory.open(f"sqlite:///{scratch}/bench.db")
         search = Search(memory.engine)
         await index_documents(search)
-        questions = load_questions()
+        questions = load_questions(args.questions)
         results = await ask_all(search, questions, "lexical")
         report(questions, results, floor, "lexical")
         sweep(questions, results)

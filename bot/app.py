@@ -11,7 +11,7 @@ from typing import Any
 
 from bot.api import PluginContext
 from bot.config import Settings
-from bot.embedder import Embedder, EmbedderError, ServerEmbedder
+from bot.embedder import E5Embedder, Embedder, EmbedderError, ServerEmbedder, local_embedder
 from bot.engine import Engine, ModelLoadError, start_engine
 from bot.engine.openai import OpenAIEngine
 from bot.hooks import Hooks
@@ -109,17 +109,18 @@ def declare_settings(hooks: Hooks) -> SettingsRegistry:
 async def start_semantic(settings: Settings, engine: Engine | None = None) -> Semantic:
     """The embedder (its GGUF built into the data folder on first use, or the server's, given
     its `engine`) and the fusion settings."""
-    embedder: Embedder | ServerEmbedder
+    embedder: Embedder | E5Embedder | ServerEmbedder
     try:
         if engine is not None:
             if not isinstance(engine, OpenAIEngine):
                 raise EmbedderError("QUILL_EMBEDDINGS=server needs QUILL_ENGINE_BACKEND=openai")
             embedder = ServerEmbedder(engine)
         else:
-            path = await asyncio.to_thread(Embedder.resolve_path, settings.embedding_model_path, settings.data_dir)
-            embedder = Embedder(path, settings.n_threads)
+            embedder = await asyncio.to_thread(local_embedder, settings)
         await embedder.start()
     except (EmbedderError, OSError, ImportError) as exc:  # ImportError: the semantic extra is missing
         raise ModelLoadError(f"semantic search (QUILL_EMBEDDINGS) is on, but {exc}") from exc
     log.info("embedder: %s (%d dimensions)", embedder.model_id, embedder.dim)
-    return Semantic(embedder, settings.embedding_weights, settings.embedding_min_similarity, settings.qa_min_relevance)
+    return Semantic.of(
+        embedder, settings.qa_min_relevance, settings.embedding_weights, settings.embedding_min_similarity
+    )

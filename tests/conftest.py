@@ -38,6 +38,8 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         "temperature": 0.0,
         "seed": 42,
         "max_reply_tokens": 48,
+        # Semantic search is on by default; the tests that need it turn it on (tests/test_semantic*.py).
+        "embeddings": False,
         "_env_file": None,
     }
     values.update(overrides)
