@@ -47,6 +47,11 @@ class QaSettings(PluginSettings):
     )
 
 
+def is_question(text: str) -> bool:
+    """A message that asks rather than tells: it ends with a question mark (ASCII or full-width)."""
+    return text.rstrip().endswith(("?", "？"))
+
+
 def source_label(hit: Hit, place: Place) -> str:
     """How a source is named in the prompt and under the answer: a document's name, or a
     message's author, date and id (a jump link on Discord)."""
@@ -100,6 +105,8 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
         ctx.config(QaSettings).max_sources,
         min_relevance=ctx.settings.qa_min_relevance,
     )
+    # A past message that is itself a question (someone's earlier /ask, say) answers nothing.
+    hits = [h for h in hits if not (h.kind == "message" and is_question(h.text))]
     if not hits:
         return Reply(NOTHING_FOUND)
     labels = [source_label(h, request.place) for h in hits]

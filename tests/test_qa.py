@@ -296,3 +296,15 @@ async def test_passages_beside_a_hit_join_its_source_when_they_fit(app: Quill) -
     assert sources.splitlines() == [
         "[1] document “onboarding” › Badges: “Badges for the zebrafish lab are printed at the front desk.”"
     ]
+
+
+async def test_a_past_question_is_no_source(app: Quill) -> None:
+    """Earlier questions (an /ask, a colleague asking the same) share the words of the new one
+    but answer nothing: only what tells is cited, in English and Chinese alike."""
+    await store_message(app, "random", "How do I get a new VPN key?", "781")
+    await store_message(app, "random", "怎么申请新的VPN密钥？", "782")
+    await store_message(app, "random", "The VPN key rotates every ninety days; the IT desk issues new ones.", "783")
+    await store_message(app, "random", "新的VPN密钥每九十天更换一次，向IT服务台申请。", "784")
+    for question, answer in (("How do I get a new VPN key?", "783"), ("怎么申请新的VPN密钥？", "784")):
+        sources = (await say(app, f"/ask {question}")).partition("\n\nSources:\n")[2]
+        assert answer in sources and "781" not in sources and "782" not in sources, sources
