@@ -151,7 +151,7 @@ def help_system_prompt() -> str:
     """~500 tokens of a help channel's rules and FAQ, the same for every conversation."""
     rules = [
         f"Rule {i}: be kind, answer the question asked, link the docs page on {topic}, and ask one question back."
-        for i, topic in enumerate(TOPICS * 3)
+        for i, topic in enumerate((TOPICS * 2)[:14])
     ]
     faq = [
         f"FAQ {i}: to reset a {topic} setting, open Settings, pick {topic}, press Reset."

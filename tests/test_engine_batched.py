@@ -226,7 +226,7 @@ async def test_a_cancelled_preempted_request_leaves_nothing_behind(batched_engin
 async def test_chinese_reply_streams_whole_characters_only(engine: LocalEngine, batched_engine: BatchedEngine) -> None:
     """Detokenized token by token, a character split across tokens is held back until its last
     byte comes: no piece carries U+FFFD or half a character, and the pieces join to the reply."""
-    ask = [ChatMessage("user", "请用中文介绍一下长城。")]
+    ask = [ChatMessage("system", "你是一个只说中文的助手。"), ChatMessage("user", "请用中文写三句话介绍北京。")]
     options = GenerationOptions(max_tokens=64, temperature=0.0)
     pieces = [piece async for piece in batched_engine.stream(ask, options)]
     text = "".join(pieces)
