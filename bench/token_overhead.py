@@ -2,8 +2,11 @@
 
 Before #21, `_on_token` detokenized the whole completion again on every token and searched all
 of it for stop strings: quadratic in the reply's length. The baseline engine below adds exactly
-that work back on top of today's path, so both run in the same process, alternating run by run,
-with 8 users and replies of 64 and 512 tokens (temperature 0.7, stories that rarely stop early).
+that work back on top of today's path. Two figures, both in the same process:
+- the worker's Python time per token, a fixed reply replayed through `_on_token` without the
+  model (robust on a loaded machine);
+- aggregate tokens/s with 8 users and replies of 64 and 512 tokens (temperature 0.7, stories
+  that rarely stop early), the two engines alternating run by run.
 
     python -m bench.token_overhead [--runs 3] [--lengths 64,512]
 """
@@ -12,11 +15,35 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 
 from bench.common import machine_note, make_engine, median, parser
 from bench.engine_throughput import USERS, counted
 from bot.engine import GenerationOptions
 from bot.engine.batched import BatchedEngine, _Sequence
+
+
+class _Silent:
+    """Stands in for a request's job: the replay below measures the worker's own work only."""
+
+    def emit(self, kind: str, value: object) -> None:
+        pass
+
+
+def replay_cost(engine: BatchedEngine, length: int, repeats: int = 5) -> float:
+    """Microseconds of `_on_token` per token over a `length`-token reply, replayed without the
+    model's decode (a fixed English and Chinese text), so the machine's load hardly matters."""
+    llm = engine._llm
+    text = " ".join(f"Chapter {i}: the cat walked to the harbour. 猫走到了港口，看着船。" for i in range(length))
+    tokens = llm.tokenize(text.encode(), False, False)[:length]
+    best = float("inf")
+    for _ in range(repeats):
+        seq = _Sequence(_Silent(), 0, 0, [], [], length + 1, [b"<|im_end|>", b"User:"], None)  # type: ignore[arg-type]
+        start = time.perf_counter()
+        for token in tokens:
+            engine._on_token(seq, token)
+        best = min(best, (time.perf_counter() - start) / len(tokens) * 1e6)
+    return best
 
 
 class WholeTextEngine(BatchedEngine):
@@ -37,9 +64,19 @@ async def main() -> None:
         "whole text": make_engine("batched", args.threads, engine_class=WholeTextEngine),
     }
     rates: dict[tuple[str, int], list[float]] = {}
+    lengths = [int(n) for n in args.lengths.split(",")]
     try:
+        for length in lengths:
+            costs = {name: replay_cost(engine, length) for name, engine in engines.items()}
+            print(
+                f"worker Python per token, {length}-token reply replayed without decoding: "
+                f"incremental {costs['incremental']:.1f} us, whole text {costs['whole text']:.1f} us "
+                f"({costs['whole text'] / costs['incremental']:.1f}x less)"
+            )
+        for engine in engines.values():  # warm-up: the first requests pay for page faults
+            await counted(engine, USERS[:2], GenerationOptions(max_tokens=8))
         for _ in range(args.runs):
-            for length in (int(n) for n in args.lengths.split(",")):
+            for length in lengths:
                 options = GenerationOptions(max_tokens=length, temperature=0.7)
                 for name, engine in engines.items():
                     wall, users = await counted(engine, USERS, options)
