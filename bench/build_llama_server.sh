@@ -47,6 +47,7 @@ nice -n 19 cmake --build "$work/build" --target llama-server -j "${BUILD_JOBS:-1
 # Linked statically (BUILD_SHARED_LIBS=OFF), so the binary needs no .so files beside it. It is
 # copied to a temporary folder first so an interrupted copy never looks like a finished cache.
 staging=$(mktemp -d "$(dirname "$cache")/.staging.XXXXXX")
+chmod 755 "$staging"
 cp "$work/build/bin/llama-server" "$staging/"
 rm -rf "$cache"
 mv "$staging" "$cache"
