@@ -255,11 +255,20 @@ async def main() -> None:
             for run in range(args.runs):
                 order = list(askers.items()) if run % 2 == 0 else list(askers.items())[::-1]
                 for name, ask in order:
-                    figures.setdefault((name, "a"), []).append(await together(ask, SHORT, short))
-                    figures.setdefault((name, "c"), []).append(await together(ask, SHORT[:1], short))
-                    figures.setdefault((name, "b"), []).append(
-                        await help_replay(ask, args.conversations, args.turns, seed=run, options=replay)
-                    )
+                    # Coroutines start only when awaited: one after another, in this order.
+                    loads = {
+                        "a": together(ask, SHORT, short),
+                        "c": together(ask, SHORT[:1], short),
+                        "b": help_replay(ask, args.conversations, args.turns, seed=run, options=replay),
+                    }
+                    for load, measure in loads.items():
+                        fig = await measure
+                        figures.setdefault((name, load), []).append(fig)
+                        # As it comes, so a run cut short still leaves figures.
+                        print(
+                            f"run {run} {name} ({load}): {fig.rate:.1f} tok/s, TTFT p95 {fig.ttft(0.95):.2f} s",
+                            flush=True,
+                        )
     finally:
         await engine.close()
         server.stop()
