@@ -27,8 +27,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def make_engine(mode: str, threads: int, **overrides: object) -> LocalEngine:
-    """A started engine in `mode` ("single" or "batched") on the embedded model."""
+def make_engine(
+    mode: str, threads: int, engine_class: type[LocalEngine] | None = None, **overrides: object
+) -> LocalEngine:
+    """A started engine in `mode` ("single" or "batched") on the embedded model; `engine_class`
+    replaces the mode's class (a benchmark's baseline variant)."""
     values: dict[str, object] = {
         "data_dir": Path(tempfile.mkdtemp(prefix="quill-bench-")),
         "n_ctx": 4096,
@@ -38,7 +41,8 @@ def make_engine(mode: str, threads: int, **overrides: object) -> LocalEngine:
     }
     values.update(overrides)
     settings = Settings(**values)  # type: ignore[arg-type]
-    engine = BatchedEngine(settings) if mode == "batched" else LocalEngine(settings)
+    engine_class = engine_class or (BatchedEngine if mode == "batched" else LocalEngine)
+    engine = engine_class(settings)
     engine.start()
     return engine
 

@@ -39,6 +39,7 @@ def snapshot(engine: BatchedEngine) -> BatchStats:
 def assert_no_sequence_leaked(engine: BatchedEngine) -> None:
     s = engine.stats
     assert s.running == 0
+    assert s.parked == 0
     assert s.free == s.sequences
 
 
@@ -126,11 +127,11 @@ async def test_least_recently_used_conversation_is_dropped_beyond_the_cache_budg
     assert_no_sequence_leaked(batched_engine)
 
 
-async def test_a_request_that_does_not_fit_beside_a_running_one_waits_and_is_answered(
+async def test_two_requests_whose_prompts_and_replies_exceed_the_pool_are_both_answered(
     batched_engine: BatchedEngine,
 ) -> None:
-    """Two replies that each reserve more than half of the 1,024-cell pool: the second starts
-    when the first leaves, and neither is cut short or broken."""
+    """Two replies whose prompt plus max_tokens each exceed half of the 1,024-cell pool: both
+    start at once (cells are counted as used, not reserved) and neither is cut short or broken."""
     options = GenerationOptions(max_tokens=120, temperature=0.0)
     talks = [[ChatMessage("system", filler(name, 130)), ChatMessage("user", "Count to 20.")] for name in ("Fay", "Gus")]
     for talk in talks:
@@ -140,6 +141,102 @@ async def test_a_request_that_does_not_fit_beside_a_running_one_waits_and_is_ans
     for talk, a, t in zip(talks, alone, together, strict=True):
         await assert_same_or_near_tie(batched_engine, talk, a.text, t.text)
     assert_no_sequence_leaked(batched_engine)
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def chinese_filler(name: str, sentences: int) -> str:
+    """A long Chinese system prompt that shares no prefix with another `name`'s."""
+    return f"你是{name}。" + "".join(f"{name}的第{i}条笔记：保持简单和友好。" for i in range(sentences))
+
+
+# Four conversations, two in each language, whose prompts fit the 1,024-cell pool together
+# but whose replies outgrow it: some must be preempted and resumed.
+CROWD = [
+    [ChatMessage("system", filler("Hal", 80)), ChatMessage("user", "Count from 1 to 100.")],
+    [ChatMessage("system", chinese_filler("小明", 7)), ChatMessage("user", "从1数到100。")],
+    [ChatMessage("system", filler("Ivy", 80)), ChatMessage("user", "Count from 1 to 100.")],
+    [ChatMessage("system", chinese_filler("小红", 7)), ChatMessage("user", "从1数到100，用中文。")],
+]
+CROWD_OPTIONS = GenerationOptions(max_tokens=64, temperature=0.0)
+
+
+async def assert_crowd_served_as_alone(batched_engine: BatchedEngine) -> BatchStats:
+    """Run CROWD alone one by one, then together; the same replies. Returns the stats before
+    the concurrent run."""
+    prompts = [await batched_engine.count_tokens(m[0].content) for m in CROWD]
+    assert sum(prompts) < batched_engine.stats.kv_cells < sum(prompts) + len(CROWD) * CROWD_OPTIONS.max_tokens
+    alone = [await batched_engine.chat(talk, CROWD_OPTIONS) for talk in CROWD]
+    assert sum(prompts) + sum(a.completion_tokens for a in alone) > batched_engine.stats.kv_cells  # the premise
+    before = snapshot(batched_engine)
+    together = await asyncio.gather(*(batched_engine.chat(talk, CROWD_OPTIONS) for talk in CROWD))
+    for talk, a, t in zip(CROWD, alone, together, strict=True):
+        await assert_same_or_near_tie(batched_engine, talk, a.text, t.text)
+        assert "\ufffd" not in t.text
+    assert batched_engine.stats.preemptions > before.preemptions
+    assert_no_sequence_leaked(batched_engine)
+    return before
+
+
+async def test_replies_outgrowing_the_pool_are_preempted_and_resumed_unchanged(
+    batched_engine: BatchedEngine,
+) -> None:
+    before = await assert_crowd_served_as_alone(batched_engine)
+    assert batched_engine.stats.recomputed == before.recomputed  # every parked state came back
+
+
+async def test_a_preempted_reply_whose_state_is_not_kept_is_evaluated_again_unchanged(
+    batched_engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a state cannot be copied to host memory (here: llama.cpp's copy made to fail), the
+    parked request is resumed by evaluating its tokens again: slower, the same reply."""
+    monkeypatch.setattr(batched_engine, "_snapshot", lambda seq_id, limit=None: None)
+    before = await assert_crowd_served_as_alone(batched_engine)
+    assert batched_engine.stats.recomputed > before.recomputed
+
+
+async def test_a_cancelled_preempted_request_leaves_nothing_behind(batched_engine: BatchedEngine) -> None:
+    before = snapshot(batched_engine)
+
+    async def consume(talk: list[ChatMessage]) -> None:
+        async for _ in batched_engine.stream(talk, CROWD_OPTIONS):
+            pass
+
+    tasks = [asyncio.create_task(consume(talk)) for talk in CROWD]
+    deadline = asyncio.get_running_loop().time() + 300
+    while batched_engine.stats.parked == 0:  # the pool fills up as the replies grow
+        assert asyncio.get_running_loop().time() < deadline, "no request was preempted"
+        assert not all(t.done() for t in tasks), "every reply ended without a preemption"
+        await asyncio.sleep(0.05)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    later = await batched_engine.chat(QUESTION, GREEDY)
+    assert later.text
+    assert batched_engine.stats.cancellations > before.cancellations
+    assert_no_sequence_leaked(batched_engine)
+
+
+async def test_chinese_reply_streams_whole_characters_only(engine: LocalEngine, batched_engine: BatchedEngine) -> None:
+    """Detokenized token by token, a character split across tokens is held back until its last
+    byte comes: no piece carries U+FFFD or half a character, and the pieces join to the reply."""
+    ask = [ChatMessage("system", "你是一个只说中文的助手。"), ChatMessage("user", "请用中文写三句话介绍北京。")]
+    options = GenerationOptions(max_tokens=64, temperature=0.0)
+    pieces = [piece async for piece in batched_engine.stream(ask, options)]
+    text = "".join(pieces)
+    assert sum("\u4e00" <= c <= "\u9fff" for c in text) >= 10
+    assert not any("\ufffd" in p for p in pieces)
+    llm = batched_engine._llm
+    split = [t for t in llm.tokenize(text.encode(), False, False) if not is_utf8(llm.detokenize([t]))]
+    assert split, "the premise: some characters of the reply take more than one token"
+    await assert_same_or_near_tie(batched_engine, ask, (await engine.chat(ask, options)).text, text)
+    assert (await batched_engine.chat(ask, options)).text == text
 
 
 async def test_grammar_and_schema_hold_per_sequence_side_by_side(batched_engine: BatchedEngine) -> None:

@@ -9,6 +9,12 @@ is shared), but the worker schedules instead of running one job at a time:
   freezes the replies already streaming. Requests are admitted in arrival order (a request that
   does not fit yet holds the ones behind it, so none starves); a finished or cancelled one leaves
   at once.
+- **KV cells on actual use, with preemption.** A request is admitted when the cells its prompt
+  needs are free now, not its prompt plus `max_tokens` (most replies end far sooner). When the
+  running replies outgrow the pool, the one admitted last is preempted: its state is copied to
+  host memory and its cells freed; it resumes, before any new request, as soon as there is room
+  again, with its sampler, its text and its place in line kept. If its state cannot be put back
+  (no contiguous room), its tokens are evaluated again: slower, never a different reply.
 - **Warm prefixes.** The engine sees only message lists, so conversations are matched by
   tokens. When a reply finishes, its sequence's KV state is saved to host memory
   (`llama_state_seq_get_data`) and its cells are freed; a new request restores the saved state
@@ -24,6 +30,7 @@ is shared), but the worker schedules instead of running one job at a time:
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import queue
@@ -73,8 +80,11 @@ class BatchStats:
     tokens_generated: int = 0
     evictions: int = 0  # saved states dropped for the memory budget
     cancellations: int = 0
+    preemptions: int = 0  # running requests parked in host memory because the KV pool was full
+    recomputed: int = 0  # parked requests whose state could not be restored, evaluated again
     restores: int = 0  # saved states copied back into a sequence
     running: int = 0  # sequences decoding now
+    parked: int = 0  # preempted requests waiting for room
     free: int = 0  # sequence ids unused
     sequences: int = 0  # running + free, always
     warm: int = 0  # conversations saved for their prefix
@@ -96,19 +106,24 @@ class _Saved:
 
 @dataclass(eq=False)
 class _Sequence:
-    """A running request: its sequence id, what is in the KV cache, its sampler and output."""
+    """A running (or preempted) request: its sequence id, what is in the KV cache, its sampler
+    and output."""
 
     job: _Job
+    arrival: int  # admission order: the last admitted is preempted first
     seq_id: int
+    # Tokens to evaluate before sampling: the prompt, or after a preemption whose state could
+    # not be restored, every token evaluated so far.
     prompt: list[int]
     kv: list[int]  # tokens evaluated in this sequence, in position order
     max_tokens: int
     stops: list[bytes]
     sampler: Any
-    reserve: int  # cells this sequence may come to use: prompt + max_tokens
     completion: list[int] = field(default_factory=list)
     pending: int | None = None  # the token sampled last, evaluated at the next step
-    sent: int = 0  # bytes of the detokenized completion already emitted
+    text: bytearray = field(default_factory=bytearray)  # the completion detokenized, token by token
+    sent: int = 0  # bytes of `text` already emitted
+    parked: Any = None  # while preempted: its KV state in host memory (None: evaluate again)
 
     @property
     def prefilling(self) -> bool:
@@ -139,17 +154,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def complete_utf8(data: bytes) -> int:
-    """Length of the longest prefix of `data` that does not end inside a UTF-8 character."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
+def complete_utf8(data: bytes | bytearray, end: int | None = None) -> int:
+    """Length of the longest prefix of `data[:end]` that does not end inside a UTF-8 character
+    (it reads at most 4 bytes, so a growing reply costs nothing per token)."""
+    end = len(data) if end is None else end
+    for back in range(1, min(4, end) + 1):
+        byte = data[end - back]
         if byte & 0xC0 != 0x80:  # the start byte of the last character
             size = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1
-            return len(data) if size <= back else len(data) - back
-    return len(data)
+            return end if size <= back else end - back
+    return end
 
 
-def held_back(text: bytes, stops: Sequence[bytes]) -> int:
+def held_back(text: bytes | bytearray, stops: Sequence[bytes]) -> int:
     """How many trailing bytes of `text` could be the start of a stop sequence."""
     longest = 0
     for stop in stops:
@@ -175,7 +192,10 @@ class BatchedEngine(LocalEngine):
         self._n_seq = settings.batch_streams
         self._chunk = settings.batch_prefill_chunk
         self._pending: deque[_Job] = deque()
-        self._active: list[_Sequence] = []
+        self._active: list[_Sequence] = []  # in admission order
+        self._parked: list[_Sequence] = []  # preempted, in admission order: resumed first
+        self._arrivals = 0
+        self._pieces: dict[int, bytes] = {}  # detokenized pieces by token id
         self._saved: OrderedDict[int, _Saved] = OrderedDict()  # idle conversations, oldest first
         self._saved_key = 0
         self._free_ids: list[int] = []
@@ -221,7 +241,7 @@ class BatchedEngine(LocalEngine):
                     self._step()
         finally:
             stopped = EngineError("The model engine stopped.")
-            for seq in self._active:
+            for seq in self._active + self._parked:
                 seq.job.emit("error", stopped)
                 llama_cpp.llama_sampler_free(seq.sampler)
             for job in self._pending:
@@ -252,14 +272,22 @@ class BatchedEngine(LocalEngine):
         for seq in [s for s in self._active if s.job.cancelled.is_set()]:
             self._release(seq, keep=False)
             self.stats.cancellations += 1
+        for seq in [s for s in self._parked if s.job.cancelled.is_set()]:
+            self._parked.remove(seq)
+            llama_cpp.llama_sampler_free(seq.sampler)
+            self.stats.cancellations += 1
+            self._update_gauges()
 
     def _admit(self) -> None:
-        """Start pending requests in arrival order while there is room; stop at the first that
-        must wait, so nothing behind it overtakes it."""
+        """Resume preempted requests, then start pending ones in arrival order while there is
+        room; stop at the first that must wait, so nothing behind it overtakes it."""
+        while self._parked:
+            if not self._resume(self._parked[0]):
+                return
         while self._pending and not self._stopping:
             job = self._pending[0]
             if isinstance(job.request, _SwapAdapter):
-                if self._active:
+                if self._active or self._parked:
                     return  # requests already running finish with the adapter they began with
                 self._pending.popleft()
                 self._finish_job(job, self._swap_adapter, job.request.path)
@@ -291,7 +319,7 @@ class BatchedEngine(LocalEngine):
 
     def _start(self, job: _Job) -> bool:
         """Admit one request: restore the saved conversation sharing the longest prefix into a
-        free sequence. False when running requests leave no room for it yet."""
+        free sequence. False when the cells its prompt needs are not free yet."""
         request: _Generate = job.request
         prompt, stops, grammar = self._format(request)
         room = self.n_ctx - len(prompt)
@@ -299,18 +327,69 @@ class BatchedEngine(LocalEngine):
             raise ContextOverflow(
                 f"The prompt takes {len(prompt)} tokens; the model's context holds {self.n_ctx} (QUILL_N_CTX)."
             )
-        max_tokens = min(request.options.max_tokens, room)
-        reserve = len(prompt) + max_tokens
-        used = sum(s.reserve for s in self._active)
-        if used + reserve > self._n_cells:
+        free = self._room()
+        if free < len(prompt) + 1:
             return False
-        seq_id = self._free_ids.pop()
-        shared = self._restore(seq_id, prompt, room=self._n_cells - used)
         sampler = self._sampler(request.options, grammar)
-        self._active.append(_Sequence(job, seq_id, prompt, prompt[:shared], max_tokens, stops, sampler, reserve))
-        self.stats.prompt_tokens_reused += shared
-        self._update_gauges()
+        self._arrivals += 1
+        seq = _Sequence(job, self._arrivals, -1, prompt, [], min(request.options.max_tokens, room), stops, sampler)
+        self._place(seq, free)
         return True
+
+    def _room(self) -> int:
+        """KV cells free for a request joining now: the pool less what the running sequences
+        hold or are still prefilling toward, and less the cell each takes at the next step."""
+        return self._n_cells - sum(max(len(s.kv), len(s.prompt)) + 1 for s in self._active)
+
+    def _place(self, seq: _Sequence, free: int) -> None:
+        """Give `seq` a free sequence id, fill it from the saved state sharing the longest
+        prefix of what it must evaluate, and put it among the running ones in admission order."""
+        seq.seq_id = self._free_ids.pop()
+        shared = self._restore(seq.seq_id, seq.prompt, room=free)
+        seq.kv = seq.prompt[:shared]
+        self.stats.prompt_tokens_reused += shared
+        bisect.insort(self._active, seq, key=lambda s: s.arrival)
+        self._update_gauges()
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Park a running request in host memory to free its cells; `_resume` brings it back."""
+        self._active.remove(seq)
+        seq.parked = self._snapshot(seq.seq_id)
+        if seq.parked is None:
+            self._forget_kv(seq)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+        self._free_ids.append(seq.seq_id)
+        bisect.insort(self._parked, seq, key=lambda s: s.arrival)
+        self.stats.preemptions += 1
+        self._update_gauges()
+
+    def _resume(self, seq: _Sequence) -> bool:
+        """Put a preempted request back when its cells are free; False while they are not."""
+        free = self._room()
+        needed = len(seq.kv) + 1 if seq.parked is not None else len(seq.prompt) + 1
+        if free < needed or not self._free_ids:
+            return False
+        self._parked.remove(seq)
+        state, seq.parked = seq.parked, None
+        if state is not None:
+            seq.seq_id = self._free_ids.pop()
+            if llama_cpp.llama_state_seq_set_data(self._ctx, state, len(state), seq.seq_id):
+                bisect.insort(self._active, seq, key=lambda s: s.arrival)
+                self._update_gauges()
+                return True
+            # No contiguous run of free cells for it: evaluate its tokens again instead.
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+            self._forget_kv(seq)
+        self._place(seq, free)
+        return True
+
+    def _forget_kv(self, seq: _Sequence) -> None:
+        """Make `seq` evaluate everything it had evaluated (and its sampled token) again."""
+        if seq.pending is not None:
+            seq.prompt, seq.pending = [*seq.kv, seq.pending], None
+        seq.kv = []
+        self.stats.recomputed += 1
 
     def _restore(self, seq_id: int, prompt: list[int], room: int) -> int:
         """Copy the saved state sharing the longest prefix with `prompt` into `seq_id` and cut
@@ -346,14 +425,22 @@ class BatchedEngine(LocalEngine):
         self._free_ids.append(seq.seq_id)
         self._update_gauges()
 
-    def _save(self, seq: _Sequence) -> None:
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq.seq_id)
-        budget = self.settings.batch_cache_mb * 2**20
-        if size > budget:
-            return
+    def _snapshot(self, seq_id: int, limit: int | None = None) -> Any:
+        """The KV state of `seq_id` copied to host memory; None when it is larger than `limit`
+        bytes or llama.cpp could not copy it."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)
+        if limit is not None and size > limit:
+            return None
         state = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(self._ctx, state, size, seq.seq_id) != size:
-            log.warning("could not save a conversation's state; its next turn is evaluated in full")
+        if llama_cpp.llama_state_seq_get_data(self._ctx, state, size, seq_id) != size:
+            log.warning("could not copy a sequence's state to host memory; it will be evaluated again")
+            return None
+        return state
+
+    def _save(self, seq: _Sequence) -> None:
+        budget = self.settings.batch_cache_mb * 2**20
+        state = self._snapshot(seq.seq_id, limit=budget)
+        if state is None:
             return
         # Saved states this one extends hold nothing it does not: drop them.
         for key, saved in list(self._saved.items()):
@@ -369,6 +456,7 @@ class BatchedEngine(LocalEngine):
 
     def _update_gauges(self) -> None:
         self.stats.running, self.stats.free = len(self._active), len(self._free_ids)
+        self.stats.parked = len(self._parked)
         self.stats.warm = len(self._saved)
         self.stats.warm_tokens = sum(len(s.tokens) for s in self._saved.values())
         self.stats.warm_bytes = sum(len(s.state) for s in self._saved.values())
@@ -376,19 +464,22 @@ class BatchedEngine(LocalEngine):
     # -- worker side: one step -------------------------------------------------------------
 
     def _step(self) -> None:
-        """One `llama_decode`: the next token of every running reply plus prompt chunks."""
+        """One `llama_decode`: the next token of every running reply plus prompt chunks, as many
+        as the free cells allow. Nothing is recorded as evaluated until the decode succeeded,
+        so a step that found no room is simply planned again."""
+        self._make_room()
         entries: list[tuple[int, int, int, bool]] = []
         outputs: list[tuple[_Sequence, int]] = []
         for seq in self._active:
             if seq.pending is not None:
                 entries.append((seq.pending, len(seq.kv), seq.seq_id, True))
                 outputs.append((seq, len(entries) - 1))
-                seq.kv.append(seq.pending)
-                seq.pending = None
-        decoding = bool(entries)
-        budget = self._chunk
+        decoding = len(entries)
+        held = sum(len(s.kv) for s in self._active)
+        budget = min(self._chunk, self._n_cells - held - decoding)
+        chunks: list[tuple[_Sequence, list[int]]] = []
         for seq in self._active:
-            if budget == 0:
+            if budget <= 0:
                 break
             if seq.prefilling:
                 start = len(seq.kv)
@@ -398,23 +489,41 @@ class BatchedEngine(LocalEngine):
                     entries.append((token, start + i, seq.seq_id, last))
                     if last:
                         outputs.append((seq, len(entries) - 1))
-                seq.kv.extend(chunk)
+                chunks.append((seq, chunk))
                 budget -= len(chunk)
-                self.stats.prompt_tokens_evaluated += len(chunk)
-        self.stats.steps += 1
-        self.stats.mixed_steps += decoding and budget < self._chunk
-        if not self._decode(entries):
+        if not entries or not self._decode(entries):
             return
+        for seq, _ in outputs[:decoding]:
+            seq.kv.append(seq.pending)
+            seq.pending = None
+        for seq, chunk in chunks:
+            seq.kv.extend(chunk)
+            self.stats.prompt_tokens_evaluated += len(chunk)
+        self.stats.steps += 1
+        self.stats.mixed_steps += decoding > 0 and bool(chunks)
         for seq, index in outputs:
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
             self.stats.tokens_generated += 1
             self._on_token(seq, token)
+
+    def _make_room(self) -> None:
+        """Preempt the last admitted requests until the next step fits in the pool: a cell for
+        each running reply's next token (or, when none decodes, one prompt token)."""
+        while len(self._active) > 1:
+            decoding = sum(s.pending is not None for s in self._active)
+            if self._n_cells - sum(len(s.kv) for s in self._active) >= max(decoding, 1):
+                return
+            self._preempt(self._active[-1])
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> bool:
         fill_batch(self._batch, entries)
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc == 0:
             return True
+        if rc == 1 and len(self._active) > 1:
+            # No KV slot for the batch (the free cells are scattered): make room and plan again.
+            self._preempt(self._active[-1])
+            return False
         error = EngineError(f"The model could not evaluate the batch (llama_decode returned {rc}).")
         for seq in {self._seq_of(seq_id) for _, _, seq_id, _ in entries}:
             self._release(seq, keep=False)
@@ -424,33 +533,46 @@ class BatchedEngine(LocalEngine):
     def _seq_of(self, seq_id: int) -> _Sequence:
         return next(s for s in self._active if s.seq_id == seq_id)
 
+    def _piece(self, token: int) -> bytes:
+        """The bytes `token` adds to the text (a piece may be part of a UTF-8 character)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._llm.detokenize([token])
+        return piece
+
     def _on_token(self, seq: _Sequence, token: int) -> None:
-        """Emit what the new token makes safe to show; end the reply on EOG, stop or length."""
+        """Emit what the new token makes safe to show; end the reply on EOG, stop or length.
+        The text grows by the token's piece and only its new end is searched for stops, so a
+        token costs the same at the 500th as at the first."""
         if llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token):
-            self._finish(seq, "stop", self._llm.detokenize(seq.completion))
+            self._finish(seq, "stop", len(seq.text))
             return
         seq.completion.append(token)
-        text = self._llm.detokenize(seq.completion)
-        hits = [text.index(stop) for stop in seq.stops if stop in text]
+        text = seq.text
+        before = len(text)
+        text += self._piece(token)
+        # A stop found now ends in the new piece: earlier text held none.
+        hits = [i for stop in seq.stops if (i := text.find(stop, max(0, before - len(stop) + 1))) >= 0]
         if hits:
-            self._finish(seq, "stop", text[: min(hits)])
+            self._finish(seq, "stop", min(hits))
             return
         if len(seq.completion) >= seq.max_tokens:
-            self._finish(seq, "length", text)
+            self._finish(seq, "length", len(text))
             return
-        safe = complete_utf8(text[: len(text) - held_back(text, seq.stops)])
+        safe = complete_utf8(text, len(text) - held_back(text, seq.stops))
         if safe > seq.sent:
             seq.job.emit("item", text[seq.sent : safe].decode("utf-8", "ignore"))
             seq.sent = safe
         seq.pending = token
 
-    def _finish(self, seq: _Sequence, reason: str, text: bytes) -> None:
+    def _finish(self, seq: _Sequence, reason: str, end: int) -> None:
+        """End the reply with `seq.text[:end]`."""
         self._release(seq, keep=True)  # first: whoever hears "done" finds the sequence free
         # A reply cut mid-character (max_tokens) ends before it; bytes that are no UTF-8 at all
         # are dropped, as `Llama` does (errors="ignore"): never a U+FFFD on screen.
-        end = complete_utf8(text)
+        end = complete_utf8(seq.text, end)
         if end > seq.sent:
-            seq.job.emit("item", text[seq.sent : end].decode("utf-8", "ignore"))
+            seq.job.emit("item", seq.text[seq.sent : end].decode("utf-8", "ignore"))
         seq.job.emit("item", _Finish(reason, len(seq.completion)))
         seq.job.emit("done", None)
 
