@@ -98,9 +98,7 @@ class Admin(ClientBase):
 
         @admin.command(name="sync", description=N_("publish the slash commands to Discord"))
         @app_commands.describe(
-            scope=N_(
-                "guild: this server, at once; global: every server, within an hour; clear: remove this server's copies"
-            )
+            scope=N_("guild: this server, now; global: all servers, within an hour; clear: remove this server's copies")
         )
         async def sync(interaction: discord.Interaction, scope: Literal["guild", "global", "clear"] = "guild") -> None:
             if await self._refused(interaction):
