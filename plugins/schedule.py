@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
-from bot.api import N_, Command, Option, PluginContext, QuillError, Reply, Request, _, error_text, hookimpl
+from bot.api import (
+    N_,
+    Command,
+    Option,
+    PluginContext,
+    QuillError,
+    Reply,
+    Request,
+    _,
+    error_text,
+    format_datetime,
+    hookimpl,
+)
 
 USAGE = N_(
     "/schedule add <name> <when> /<command> [args]  (option to:<channel>, default here)\n"
@@ -32,7 +45,7 @@ async def schedule(ctx: PluginContext, request: Request) -> Reply:
             job = await scheduler.add(name, when, place, "/" + command, target)
             summary = f"{job.command} ({job.when}) -> {job.target}"
             return Reply(
-                _("Scheduled {job}: {summary}; next run {next}.", job=job.id, summary=summary, next=job.next_run)
+                _("Scheduled {job}: {summary}; next run {next}.", job=job.id, summary=summary, next=_when(job.next_run))
             )
         if action == "list":
             jobs = await scheduler.jobs()
@@ -42,7 +55,7 @@ async def schedule(ctx: PluginContext, request: Request) -> Reply:
                 f"{j.id}: {j.command} ({j.when}) "
                 + _("in {channel}", channel=j.place.channel_id)
                 + f" -> {j.target}; "
-                + (_("paused") if j.paused else _("next {next}", next=j.next_run))
+                + (_("paused") if j.paused else _("next {next}", next=_when(j.next_run)))
                 for j in jobs
             ]
             return Reply("\n".join(lines), title=_("Scheduled jobs"))
@@ -52,7 +65,7 @@ async def schedule(ctx: PluginContext, request: Request) -> Reply:
                 return Reply(_("Paused {job}.", job=rest))
             if action == "resume":
                 job = await scheduler.resume(rest)
-                return Reply(_("Resumed {job}; next run {next}.", job=rest, next=job.next_run))
+                return Reply(_("Resumed {job}; next run {next}.", job=rest, next=_when(job.next_run)))
             if action == "remove":
                 await scheduler.remove(rest)
                 return Reply(_("Removed {job}.", job=rest))
@@ -61,6 +74,11 @@ async def schedule(ctx: PluginContext, request: Request) -> Reply:
     except QuillError as exc:  # a bad schedule or an unknown job: its message says which
         return Reply(error_text(exc), failed=True)
     return Reply(_usage(), failed=True)
+
+
+def _when(moment: datetime | None) -> str:
+    """A job's next run as the user's locale writes a date and time, with its zone."""
+    return format_datetime(moment, "long") if moment else _("paused")
 
 
 def _usage() -> str:

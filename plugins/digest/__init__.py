@@ -30,6 +30,7 @@ from bot.api import (
     Request,
     Section,
     _,
+    format_datetime,
     format_number,
     hookimpl,
     message_link,
@@ -216,7 +217,7 @@ async def digest(ctx: PluginContext, request: Request) -> Reply:
                 title = section.title if len(channels) == 1 else f"{section.title} (#{channel})"
                 sections.append(Section(title, section.body))
     await ctx.update(DigestChannel, here, last_run=now)
-    title = _("Digest since {since} UTC", since=f"{since:%Y-%m-%d %H:%M}")
+    title = _("Digest since {since} UTC", since=format_datetime(since))
     if not sections:
         if config.when_empty == "skip":
             return Reply()
