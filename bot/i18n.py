@@ -179,7 +179,7 @@ def locale_scope(locale: str | None) -> Iterator[None]:
         _current.reset(token)
 
 
-def _(message: str | Text, **values: Any) -> str:
+def _(message: str | Text, /, **values: Any) -> str:
     """`message` in the current locale, its `{placeholders}` filled from `values` (or from the
     Text's own values, translated in turn); numbers are written the locale's way."""
     if isinstance(message, Text):
@@ -188,7 +188,7 @@ def _(message: str | Text, **values: Any) -> str:
     return translated.format(**_shown(values)) if values else translated
 
 
-def ngettext(singular: str, plural: str, n: int, **values: Any) -> str:
+def ngettext(singular: str, plural: str, n: int, /, **values: Any) -> str:
     """The plural form of the current locale for `n`; `{count}` is `n` unless given."""
     translated = translations(current_locale()).ngettext(singular, plural, n)
     return translated.format(**_shown({"count": n, **values}))

@@ -106,7 +106,8 @@ class Router:
     async def localized(self, request: Request, text: str | None = None) -> Request:
         """`request` with the locale it is answered in (bot/i18n.py `resolve`): an admin's
         /language for the place first, then the transport's user locale, the language of `text`
-        (the message without its command name), the place's locale, English."""
+        (the message without its command name; a document's, /kb-add's, says nothing of whom it
+        answers), the place's locale, English."""
         chosen = ""
         if request.channel_id:
             try:
@@ -115,13 +116,18 @@ class Router:
                 log.warning("language setting unreadable: %s", exc)
         if text is None:
             text = request.text
+        if (command := self.commands.get(request.command or "")) is not None and command.document:
+            text = ""
         locale = resolve(chosen=chosen, user=request.locale, text=text, place=request.place_locale)
         return replace(request, locale=locale)
 
     async def handle(self, request: Request) -> Reply:
         """Answer a message addressed to the bot: a `/command` or conversation. Never raises."""
         text = clean_text(request.text)
-        spoken = text[1:].partition(" ")[2] if text.startswith("/") else text
+        spoken = text
+        if text.startswith("/"):
+            name, _sep, spoken = text[1:].partition(" ")
+            request = replace(request, command=name.lower())
         request = await self.localized(request, spoken)
         with locale_scope(request.locale):
             return await self._handle(request, text)
