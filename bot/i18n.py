@@ -53,8 +53,10 @@ def N_(message: str) -> str:
     return message
 
 
+@cache
 def available() -> tuple[str, ...]:
-    """The locales quill has texts for: English and every catalog's language."""
+    """The locales quill has texts for: English and every catalog's language (read once: each
+    request's locale is normalized against them)."""
     found = {DEFAULT_LOCALE}
     for folder in _folders:
         if folder.is_dir():
@@ -134,6 +136,7 @@ def add_catalog_folder(folder: Path) -> None:
     if folder.is_dir() and folder not in _folders:
         _folders.append(folder)
         translations.cache_clear()
+        available.cache_clear()
 
 
 def _tag(directory: str) -> str:
@@ -275,8 +278,12 @@ def resolve(*, chosen: str | None, user: str | None, text: str, place: str | Non
     return detect(text) or fallback
 
 
-def main() -> None:
-    """Extract the marked strings of bot/ and plugins/ into every catalog of quill's."""
+def main(argv: list[str] | None = None) -> None:
+    """Extract the marked strings of bot/ and plugins/ into every catalog of quill's; with
+    `--zh-tw`, write the Traditional Chinese catalog from the Simplified one by OpenCC's
+    s2twp (Taiwan usage; `pip install opencc`, a translator's tool, not a dependency)."""
+    import sys
+
     from babel.messages.catalog import Catalog
     from babel.messages.extract import extract_from_dir
     from babel.messages.pofile import write_po
@@ -296,6 +303,31 @@ def main() -> None:
         with po.open("wb") as handle:
             write_po(handle, catalog, width=0, include_lineno=False)
         print(f"{po.relative_to(root)}: {len(catalog)} messages")
+    if "--zh-tw" in (sys.argv[1:] if argv is None else argv):
+        catalogs = [LOCALE_DIR / name / "LC_MESSAGES" / "quill.po" for name in ("zh_CN", "zh_TW")]
+        _traditional(*catalogs)
+
+
+def _traditional(simplified: Path, traditional: Path) -> None:
+    """The zh-TW catalog as OpenCC converts the zh-CN one."""
+    import opencc
+    from babel.messages.pofile import write_po
+
+    convert = opencc.OpenCC("s2twp").convert
+    with simplified.open("rb") as handle:
+        catalog = read_po(handle)
+    catalog.locale = babel.Locale.parse("zh_TW")
+    catalog.header_comment = (
+        "# Traditional Chinese texts of quill, made from zh_CN by OpenCC s2twp (python -m bot.i18n --zh-tw)."
+    )
+    for message in catalog:
+        if message.id and message.string:
+            forms = message.string
+            message.string = tuple(convert(f) for f in forms) if isinstance(forms, tuple) else convert(forms)
+    traditional.parent.mkdir(parents=True, exist_ok=True)
+    with traditional.open("wb") as handle:
+        write_po(handle, catalog, width=0, include_lineno=False)
+    print(f"{traditional}: {len(catalog)} messages from {simplified.name} by OpenCC s2twp")
 
 
 if __name__ == "__main__":

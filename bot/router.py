@@ -150,7 +150,7 @@ class Router:
     async def run_text(self, name: str, request: Request) -> Reply:
         """Run command `name` on its text form, `name:value` options first (a scheduled job's
         `/summarize hours:24`). Never raises."""
-        request = await self.localized(request)
+        request = await self.localized(replace(request, command=name))
         with locale_scope(request.locale):
             return await self._run_text(name, request)
 
@@ -165,7 +165,7 @@ class Router:
         """Run command `name` with the request's text and options (a transport's slash command
         comes here directly). Options are checked against their declarations here, so a handler
         never sees a value out of its type or bounds. Never raises."""
-        request = await self.localized(request)
+        request = await self.localized(replace(request, command=name))
         with locale_scope(request.locale):
             return await self._run_command(name, request)
 

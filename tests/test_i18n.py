@@ -22,7 +22,7 @@ from bot.config import REPO_ROOT
 from bot.i18n import KEYWORDS, LOCALE_DIR, _, gettext_in, locale_scope, resolve
 from plugins.qa import NOTHING_FOUND
 
-CATALOG = LOCALE_DIR / "zh_CN" / "LC_MESSAGES" / "quill.po"
+CATALOGS = {locale: LOCALE_DIR / locale.replace("-", "_") / "LC_MESSAGES" / "quill.po" for locale in ("zh-CN", "zh-TW")}
 CJK = re.compile(r"[\u4e00-\u9fff]")
 # Where a string reaches a user: the call, the positions and the keywords of its text.
 SINKS = {
@@ -49,8 +49,9 @@ def placeholders(text: str) -> set[str]:
     return {name for _lit, name, _spec, _conv in string.Formatter().parse(text) if name}
 
 
-def test_every_marked_string_has_a_zh_cn_translation_with_the_same_placeholders() -> None:
-    with CATALOG.open("rb") as handle:
+@pytest.mark.parametrize("locale", sorted(CATALOGS))
+def test_every_marked_string_has_a_chinese_translation_with_the_same_placeholders(locale: str) -> None:
+    with CATALOGS[locale].open("rb") as handle:
         catalog = read_po(handle)
     marked = marked_strings()
     assert len(marked) > 150  # the extraction ran over the real tree
@@ -61,11 +62,11 @@ def test_every_marked_string_has_a_zh_cn_translation_with_the_same_placeholders(
         forms = entry.string if entry is not None else None
         forms = (forms,) if isinstance(forms, str) else forms
         if not forms or not all(forms):
-            problems.append(f"{where}: no zh-CN text for {key!r}")
+            problems.append(f"{where}: no {locale} text for {key!r}")
             continue
         wanted = placeholders(key)
         if any(placeholders(form) != wanted for form in forms):
-            problems.append(f"{where}: zh-CN placeholders differ for {key!r}")
+            problems.append(f"{where}: {locale} placeholders differ for {key!r}")
     assert problems == []
 
 
@@ -125,7 +126,11 @@ def test_the_locale_is_the_admins_choice_then_the_users_then_the_messages_then_t
     assert resolve(chosen="", user="", text="ok", place="zh-CN") == "zh-CN"  # too short to tell
     assert resolve(chosen="", user="fr", text="bonjour à tous", place="") == "en"  # no French texts
     assert resolve(chosen="", user="", text="これは日本語です", place="") == "en"  # kana: not Chinese
-    assert resolve(chosen="", user="zh-TW", text="", place="") == "zh-CN"  # no zh-TW catalog yet
+    assert resolve(chosen="", user="zh-TW", text="", place="") == "zh-TW"
+    assert resolve(chosen="", user="zh-Hant", text="", place="") == "zh-TW"
+    assert (
+        resolve(chosen="", user="", text="怎麼部署到測試環境？", place="zh-HK") == "zh-CN"
+    )  # script alone: Simplified
 
 
 def test_numbers_and_plurals_follow_the_locale() -> None:
@@ -156,6 +161,7 @@ def test_a_plugin_ships_its_own_catalog_beside_its_module(tmp_path: Path) -> Non
     finally:
         i18n._folders.remove(tmp_path / "locale")
         i18n.translations.cache_clear()
+        i18n.available.cache_clear()
 
 
 def request(text: str, **fields: object) -> Request:
