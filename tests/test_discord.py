@@ -793,5 +793,6 @@ async def test_the_translator_gives_every_quill_command_and_option_a_chinese_des
     assert [(n, e) for n, e in untranslated if n != "text"] == []
     ask = next(c for c in published if c["name"] == "ask")
     assert ask["description_localizations"]["zh-CN"] == "根据团队知识库和以往消息回答问题，并注明来源"
+    assert "團隊知識庫" in ask["description_localizations"]["zh-TW"]  # a Taiwanese client: Traditional
     assert ask["description"].startswith("answer a question")  # English stays the default
     assert all(len(chinese or "") <= 100 for _name, _english, chinese in everything)
