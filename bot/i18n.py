@@ -66,8 +66,8 @@ def available() -> tuple[str, ...]:
 
 def normalize(tag: str | None) -> str | None:
     """The catalog locale for a language tag as Discord, POSIX or a person writes it
-    (`zh-CN`, `zh_CN.UTF-8`, `zh-Hans`, `en-US`, `chinese`), or None when quill has none for it.
-    Traditional Chinese falls back to Simplified while there is no zh-TW catalog."""
+    (`zh-CN`, `zh_CN.UTF-8`, `zh-Hans`, `zh-HK`, `en-US`), or None when quill has none for it.
+    Traditional Chinese falls back to Simplified where there is no zh-TW catalog."""
     if not tag:
         return None
     tag = tag.split(".")[0].split("@")[0].replace("_", "-").strip()
