@@ -23,6 +23,21 @@ from bot.engine import (
 )
 from bot.hooks import RENEW_DEADLINE, HookResult, Hooks
 from bot.hookspecs import JobRegistrar, hookimpl
+from bot.i18n import (
+    N_,
+    LanguageChannel,
+    _,
+    current_locale,
+    error_text,
+    format_date,
+    format_datetime,
+    format_number,
+    language_label,
+    locale_scope,
+    ngettext,
+)
+from bot.i18n import available as available_locales
+from bot.i18n import normalize as normalize_locale
 from bot.memory import Memory, off_loop
 from bot.plugin_config import ChannelSettings, GuildSettings, PluginSettings, SettingError, SettingsRegistry
 from bot.prompts import PromptLoader
@@ -39,12 +54,14 @@ from bot.types import (
     Reply,
     Request,
     Section,
+    Text,
 )
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
 
 __all__ = [
+    "N_",
     "ChannelSettings",
     "ChatMessage",
     "Command",
@@ -56,6 +73,7 @@ __all__ = [
     "Hit",
     "HookResult",
     "JobRegistrar",
+    "LanguageChannel",
     "Option",
     "OptionError",
     "Place",
@@ -67,10 +85,22 @@ __all__ = [
     "Request",
     "Section",
     "SettingError",
+    "Text",
+    "_",
+    "available_locales",
     "content_words",
+    "current_locale",
+    "error_text",
+    "format_date",
+    "format_datetime",
+    "format_number",
     "has_cjk",
     "hookimpl",
+    "language_label",
+    "locale_scope",
     "message_link",
+    "ngettext",
+    "normalize_locale",
     "off_loop",
     "quote",
 ]
@@ -81,7 +111,7 @@ S = TypeVar("S", bound=BaseModel)
 BOT_AUTHOR_ID = "quill"
 # Shown for an empty (whitespace only) answer, by converse and by transports, so the user is
 # never left with nothing.
-NO_ANSWER = "(The answer came out empty. Please try again or rephrase.)"
+NO_ANSWER = N_("(The answer came out empty. Please try again or rephrase.)")
 
 
 def has_cjk(text: str) -> bool:
@@ -205,8 +235,13 @@ class PluginContext:
         budget = self.engine.n_ctx - options.max_tokens - system_tokens
         if user_tokens + MESSAGE_OVERHEAD_TOKENS > budget:
             raise ContextOverflow(
-                f"Your message is {user_tokens} tokens, but only {max(budget, 0)} fit beside the reply in "
-                f"this model's context ({self.engine.n_ctx} tokens, QUILL_N_CTX). Please shorten it."
+                Text(
+                    "Your message is {tokens} tokens, but only {room} fit beside the reply in "
+                    "this model's context ({context} tokens, QUILL_N_CTX). Please shorten it.",
+                    tokens=user_tokens,
+                    room=max(budget, 0),
+                    context=self.engine.n_ctx,
+                )
             )
         history = await self.memory.history(conv.id, budget, per_message=MESSAGE_OVERHEAD_TOKENS)
         messages = [ChatMessage("system", system_prompt)]
@@ -224,7 +259,7 @@ class PluginContext:
             yield piece
         text = "".join(parts).strip()
         if not text:
-            yield NO_ANSWER
+            yield _(NO_ANSWER)
         else:
             stored = await self.memory.add_message(
                 conversation_id,

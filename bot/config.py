@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     bot_name: str = "quill"
     prompts_dir: Path = REPO_ROOT / "prompts"
     conversation_command: str = "chat"
+    # The console's language for quill's own texts (en, zh-CN); empty: the message's language,
+    # then the system locale (LANG).
+    locale: str = ""
     max_input_chars: int = Field(default=8000, ge=100)
     max_document_chars: int = Field(default=200_000, ge=100)
     plugin_timeout: float = Field(default=300.0, gt=0)

@@ -7,17 +7,19 @@ import importlib.metadata
 import importlib.util
 import logging
 import pkgutil
+from pathlib import Path
 
 import pluggy
 
 from bot import hookspecs
+from bot.i18n import add_catalog_folder
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "quill.plugins"
 # Core features built as plugins, always loaded (like simonw/llm's default plugins), named here
 # and imported only by the plugin manager.
-CORE_PLUGINS = ("bot.builtin.privacy", "bot.builtin.finetune")
+CORE_PLUGINS = ("bot.builtin.privacy", "bot.builtin.finetune", "bot.builtin.language")
 # The package of the plugins that ship with quill; each of its modules is loaded.
 BUILTIN_PACKAGE = "plugins"
 
@@ -42,8 +44,12 @@ def make_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
 
 def _register(pm: pluggy.PluginManager, name: str, load) -> None:
     try:
-        pm.register(load(), name)
+        plugin = load()
+        pm.register(plugin, name)
     except Exception:
         log.exception("plugin %s failed to load and is disabled", name)
     else:
+        # A plugin's own catalogs sit in `locale/` beside its module, as its prompts would.
+        if where := getattr(plugin, "__file__", None):
+            add_catalog_folder(Path(where).parent / "locale")
         log.debug("plugin %s registered", name)

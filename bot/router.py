@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from bot.api import PluginContext
 from bot.hooks import deadline
+from bot.i18n import LanguageChannel, _, error_text, locale_scope, resolve
 from bot.types import Command, OptionError, QuillError, Reply, Request
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def usage_line(command: Command) -> str:
     (a positional option by its name alone: `/retention [days]`)."""
     parts = [f"/{command.name}"]
     for o in command.options:
-        shown = o.name if o.positional else f"{o.name}:<{o.description}>"
+        shown = o.name if o.positional else f"{o.name}:<{_(o.description)}>"
         parts.append(f"<{shown}>" if o.positional and o.required else shown if o.required else f"[{shown}]")
     if command.usage:
         parts.append(command.usage)
@@ -93,60 +94,107 @@ class Router:
         return register
 
     def help_text(self, is_admin: bool) -> str:
-        lines = ["Commands:", "  /help  this list"]
+        """The commands this user may run, each with its help, in the current locale."""
+        lines = [_("Commands:"), "  /help  " + _("this list")]
         for cmd in sorted(self.commands.values(), key=lambda c: c.name):
             if cmd.admin and not is_admin:
                 continue
-            lines.append(f"  {usage_line(cmd)}  {cmd.help}" + ("  (admin)" if cmd.admin else ""))
-        lines.append("Anything else is a message to the assistant.")
+            lines.append(f"  {usage_line(cmd)}  {_(cmd.help)}" + ("  " + _("(admin)") if cmd.admin else ""))
+        lines.append(_("Anything else is a message to the assistant."))
         return "\n".join(lines)
+
+    async def localized(self, request: Request, text: str | None = None) -> Request:
+        """`request` with the locale it is answered in (bot/i18n.py `resolve`): an admin's
+        /language for the place first, then the transport's user locale, the language of `text`
+        (the message without its command name; a document's, /kb-add's, says nothing of whom it
+        answers), the place's locale, English."""
+        chosen = ""
+        if request.channel_id:
+            try:
+                chosen = (await self.context.scoped(LanguageChannel, request.place)).locale
+            except QuillError as exc:  # the database is down: answer anyway, in the other ways' language
+                log.warning("language setting unreadable: %s", exc)
+        if text is None:
+            text = request.text
+        if (command := self.commands.get(request.command or "")) is not None and command.document:
+            text = ""
+        locale = resolve(chosen=chosen, user=request.locale, text=text, place=request.place_locale)
+        return replace(request, locale=locale)
 
     async def handle(self, request: Request) -> Reply:
         """Answer a message addressed to the bot: a `/command` or conversation. Never raises."""
         text = clean_text(request.text)
+        spoken = text
+        if text.startswith("/"):
+            name, _sep, spoken = text[1:].partition(" ")
+            request = replace(request, command=name.lower())
+        request = await self.localized(request, spoken)
+        with locale_scope(request.locale):
+            return await self._handle(request, text)
+
+    async def _handle(self, request: Request, text: str) -> Reply:
         if not text:
-            return Reply("I got an empty message. Type a question, or /help for commands.", failed=True)
+            return Reply(_("I got an empty message. Type a question, or /help for commands."), failed=True)
         # The exact limit depends on the command (run_command checks it); nothing passes the largest.
         if refusal := self._too_long(text, self._input_limit(None)):
             return refusal
         if not text.startswith("/"):
             conversation = self.context.settings.conversation_command
-            return await self.run_command(conversation, replace(request, text=text))
-        name, _, args = text[1:].partition(" ")
+            return await self._run_command(conversation, replace(request, text=text))
+        name, _sep, args = text[1:].partition(" ")
         name = name.lower()
         if name == "help":
             return Reply(self.help_text(request.is_admin))
-        return await self.run_text(name, replace(request, text=args))
+        return await self._run_text(name, replace(request, text=args))
 
     async def run_text(self, name: str, request: Request) -> Reply:
         """Run command `name` on its text form, `name:value` options first (a scheduled job's
         `/summarize hours:24`). Never raises."""
+        request = await self.localized(replace(request, command=name))
+        with locale_scope(request.locale):
+            return await self._run_text(name, request)
+
+    async def _run_text(self, name: str, request: Request) -> Reply:
         command = self.commands.get(name)
         if command is None:
-            return Reply(f"Unknown command /{name}. Type /help for the list.", failed=True)
+            return Reply(_("Unknown command /{name}. Type /help for the list.", name=name), failed=True)
         options, rest = parse_options(command, clean_text(request.text))
-        return await self.run_command(name, replace(request, text=rest, options={**request.options, **options}))
+        return await self._run_command(name, replace(request, text=rest, options={**request.options, **options}))
 
     async def run_command(self, name: str, request: Request) -> Reply:
         """Run command `name` with the request's text and options (a transport's slash command
         comes here directly). Options are checked against their declarations here, so a handler
         never sees a value out of its type or bounds. Never raises."""
+        request = await self.localized(replace(request, command=name))
+        with locale_scope(request.locale):
+            return await self._run_command(name, request)
+
+    async def _run_command(self, name: str, request: Request) -> Reply:
         command = self.commands.get(name)
         if command is None:
-            return Reply(f"Unknown command /{name}. Type /help for the list.", failed=True)
+            return Reply(_("Unknown command /{name}. Type /help for the list.", name=name), failed=True)
         if command.admin and not request.is_admin:
             log.warning("refused admin command /%s for user %s", name, request.author_id)
-            return Reply(f"/{name} is for admins only. {request.admin_hint}".strip(), failed=True)
+            return Reply(_("/{name} is for admins only.", name=name) + _hint(request), failed=True)
         text = clean_text(request.text)
         if refusal := self._too_long(text, self._input_limit(command)):
             return refusal
         try:
             options, text = check_options(command, request.options, text)
         except OptionError as exc:
-            return Reply(f"/{name}: {exc} Usage: {usage_line(command)}", failed=True)
+            refusal = _(
+                "/{name}: {problem} Usage: {usage}", name=name, problem=error_text(exc), usage=usage_line(command)
+            )
+            return Reply(refusal, failed=True)
         missing = [o.name for o in command.options if o.required and o.name not in options]
         if missing:
-            return Reply(f"/{name} needs {', '.join(missing)}. Usage: {usage_line(command)}", failed=True)
+            refusal = _(
+                "/{name} needs {options}. Usage: {usage}",
+                name=name,
+                options=", ".join(missing),
+                usage=usage_line(command),
+            )
+            return Reply(refusal, failed=True)
         return await self._call(command, replace(request, text=text, command=name, options=options))
 
     async def observe(self, request: Request) -> list[Reply]:
@@ -157,13 +205,16 @@ class Router:
         text = clean_text(request.text)
         if not text:
             return []
+        request = await self.localized(replace(request, text=text))
+        with locale_scope(request.locale):
+            results = await self.context.hooks.call("on_message", request=request)
         replies = []
-        for result in await self.context.hooks.call("on_message", request=replace(request, text=text)):
+        for result in results:
             reply = result.value
             if result.failed or not isinstance(reply, Reply) or reply.failed:
                 continue
             if reply.stream is not None:
-                reply.stream = self._guard(f"{result.plugin} (on_message)", reply.stream, reply)
+                reply.stream = self._guard(f"{result.plugin} (on_message)", reply.stream, reply, request.locale)
             if reply.text or reply.stream is not None:
                 replies.append(reply)
         return replies
@@ -182,11 +233,13 @@ class Router:
         most, setting = limit
         if len(text) <= most:
             return None
-        return Reply(
-            f"That message is {len(text):,} characters; I take at most {most:,} "
-            f"({setting}). Please shorten it or split it up.",
-            failed=True,
+        refusal = _(
+            "That message is {length} characters; I take at most {most} ({setting}). Please shorten it or split it up.",
+            length=len(text),
+            most=most,
+            setting=setting,
         )
+        return Reply(refusal, failed=True)
 
     async def _call(self, command: Command, request: Request) -> Reply:
         try:
@@ -195,24 +248,27 @@ class Router:
         except Exception as exc:
             return self._failure(f"/{command.name}", exc)
         if reply.stream is not None:
-            reply.stream = self._guard(f"/{command.name}", reply.stream, reply)
+            reply.stream = self._guard(f"/{command.name}", reply.stream, reply, request.locale)
         return reply
 
-    async def _guard(self, what: str, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
-        """Stream a handler's reply; a failure or a stall mid-way ends it with an apology."""
+    async def _guard(self, what: str, pieces: AsyncIterator[str], reply: Reply, locale: str) -> AsyncIterator[str]:
+        """Stream a handler's reply; a failure or a stall mid-way ends it with an apology. Each
+        piece is made in the request's locale: the stream runs after the handler returned."""
         timeout = self.context.settings.plugin_timeout
         iterator = aiter(pieces)
         try:
             while True:
                 try:
-                    async with asyncio.timeout(timeout):
-                        piece = await anext(iterator)
+                    with locale_scope(locale):
+                        async with asyncio.timeout(timeout):
+                            piece = await anext(iterator)
                 except StopAsyncIteration:
                     return
                 yield piece
         except Exception as exc:
             reply.failed = True
-            yield "\n" + self._failure(what, exc).text
+            with locale_scope(locale):
+                yield "\n" + self._failure(what, exc).text
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
@@ -223,9 +279,14 @@ class Router:
         """The reply for a handler that raised: a QuillError's own message, else an apology."""
         if isinstance(exc, QuillError):
             log.warning("%s: %s", what, exc)
-            return Reply(str(exc), failed=True)
+            return Reply(error_text(exc), failed=True)
         if isinstance(exc, TimeoutError):
             log.error("%s timed out", what)
-            return Reply(f"Sorry, {what} took too long and was stopped.", failed=True)
+            return Reply(_("Sorry, {what} took too long and was stopped.", what=what), failed=True)
         log.exception("%s failed", what, exc_info=exc)
-        return Reply(f"Sorry, {what} failed. The error is logged; other commands still work.", failed=True)
+        return Reply(_("Sorry, {what} failed. The error is logged; other commands still work.", what=what), failed=True)
+
+
+def _hint(request: Request) -> str:
+    """Who counts as an admin, as the transport says it, after a refusal."""
+    return f" {_(request.admin_hint)}" if request.admin_hint else ""

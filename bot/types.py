@@ -19,6 +19,25 @@ class QuillError(Exception):
     a plugin is logged and answered with a short apology instead."""
 
 
+class Text:
+    """A message for a user kept as its English template and values, so that where it is shown
+    it is translated into that user's language (bot/i18n.py); `str()` is the English. It lets
+    this module, which imports nothing of bot/, raise errors a Chinese user reads in Chinese."""
+
+    def __init__(self, template: str, /, **values: object) -> None:
+        self.template = template
+        self.values = values
+
+    def __str__(self) -> str:
+        shown = {
+            k: f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for k, v in self.values.items()
+        }
+        return self.template.format(**shown) if shown else self.template
+
+    def __repr__(self) -> str:
+        return f"Text({self.template!r}, **{self.values!r})"
+
+
 class Place(NamedTuple):
     """Where messages happen: a channel, thread or DM of one transport ("" guild outside guilds).
     A tuple, so the repositories that take the three apart get them as `*place`."""
@@ -59,6 +78,14 @@ class Request:
 
     # The transport's id of the message this one replies to (a Discord reply), else None.
     reply_to: str | None = None
+    # The language quill's own texts use for this request. A transport sets the user's own
+    # where it knows it (a slash command's `interaction.locale`, QUILL_LOCALE); the router
+    # replaces it by the one resolved (an admin's /language, this, the message's language,
+    # `place_locale`, English) before a handler sees it.
+    locale: str = ""
+    # The place's language where the transport knows one (a guild's preferred locale, the
+    # console's system locale): used when neither the user nor the message says.
+    place_locale: str = ""
 
     @property
     def place(self) -> Place:
@@ -152,20 +179,20 @@ class Option:
     def longest(self) -> int:
         return self.max if self.max is not None else OPTION_MAX_CHARS
 
-    def takes(self) -> str:
+    def takes(self) -> Text:
         """What the option accepts, as said in a refusal."""
         if self.closed:
-            return "one of " + ", ".join(self.choices)
+            return Text("one of {choices}", choices=", ".join(self.choices))
         if self.kind is int:
-            return f"a whole number from {self.min:,} to {self.max:,}"
-        return f"text of 1 to {self.longest:,} characters"
+            return Text("a whole number from {min} to {max}", min=self.min, max=self.max)
+        return Text("text of 1 to {longest} characters", longest=self.longest)
 
     def parse(self, value: str | int) -> str | int:
         """The value as the handler gets it (cleaned text is expected); OptionError if refused."""
         if isinstance(value, str):
             value = value.strip()
         if value == "":
-            raise OptionError(f"{self.name} is empty; it takes {self.takes()}.")
+            raise OptionError(Text("{name} is empty; it takes {takes}.", name=self.name, takes=self.takes()))
         if self.closed:
             wanted = str(value).casefold()
             for choice in self.choices:
@@ -188,8 +215,19 @@ class Option:
 
     def _refused(self, value: object) -> OptionError:
         text = str(value)
-        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}… ({len(text):,} characters)"
-        return OptionError(f"{self.name} takes {self.takes()}, not {shown}.")
+        if len(text) <= 40:
+            return OptionError(
+                Text("{name} takes {takes}, not {value}.", name=self.name, takes=self.takes(), value=repr(text))
+            )
+        return OptionError(
+            Text(
+                "{name} takes {takes}, not {value}… ({length} characters).",
+                name=self.name,
+                takes=self.takes(),
+                value=repr(text[:40]),
+                length=len(text),
+            )
+        )
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bot.api import Command, PluginContext, Reply, Request, hookimpl
+from bot.api import N_, Command, PluginContext, Reply, Request, _, hookimpl
 
 
 async def chat(ctx: PluginContext, request: Request) -> Reply:
     if not request.text:
-        return Reply("Usage: /chat <message>", failed=True)
+        return Reply(_("Usage: /chat <message>"), failed=True)
     system = ctx.prompts.render("chat_system", bot_name=ctx.settings.bot_name)
     return await ctx.converse(request, system)
 
 
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
-    register(Command("chat", "talk with the assistant; it remembers this channel's conversation", chat, "<message>"))
+    register(
+        Command("chat", N_("talk with the assistant; it remembers this channel's conversation"), chat, "<message>")
+    )

@@ -17,14 +17,25 @@ from dataclasses import dataclass
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from bot.api import ChatMessage, Command, GuildSettings, PluginContext, PluginSettings, Reply, Request, hookimpl
+from bot.api import (
+    N_,
+    ChatMessage,
+    Command,
+    GuildSettings,
+    PluginContext,
+    PluginSettings,
+    Reply,
+    Request,
+    _,
+    hookimpl,
+)
 
 log = logging.getLogger(__name__)
 
 LABELS = ("ok", "toxic", "spam")
 GRAMMAR = "root ::= " + " | ".join(f'"{label}"' for label in LABELS)
 EXCERPT_CHARS = 300
-USAGE = (
+USAGE = N_(
     "Usage: /moderation [status] | add <term> | remove <term> | channel <channel id>|here | "
     "classify on|off | delete on|off"
 )
@@ -98,11 +109,11 @@ async def on_message(context: PluginContext, request: Request) -> Reply | None:
     config = await in_force(context, request)
     if request.channel_id == config.channel:
         return None  # the mod channel itself, reports included
-    reasons = [f"term “{t}”" for t in matched_terms(request.text, config.terms)]
+    reasons = [_("term “{term}”", term=t) for t in matched_terms(request.text, config.terms)]
     if not reasons and config.classify:
         label = await classify(context, request.text)
         if label != "ok":
-            reasons.append(f"model: {label}")
+            reasons.append(_("model: {label}", label=label))
     if not reasons:
         return None
     if not config.channel:
@@ -111,45 +122,59 @@ async def on_message(context: PluginContext, request: Request) -> Reply | None:
     excerpt = request.text[:EXCERPT_CHARS] + ("…" if len(request.text) > EXCERPT_CHARS else "")
     who = request.author_name or request.author_id
     where = f"<#{request.channel_id}>" if request.transport == "discord" else request.channel_id
-    text = f"Flagged: message {request.message_id or '(no id)'} by {who} in {where}: {', '.join(reasons)}"
+    message = request.message_id or _("(no id)")
+    text = _(
+        "Flagged: message {message} by {who} in {where}: {reasons}",
+        message=message,
+        who=who,
+        where=where,
+        reasons=", ".join(reasons),
+    )
     if config.delete:
-        text += " (deleted)"
+        text += " " + _("(deleted)")
     quoted = "\n".join("> " + line for line in excerpt.splitlines())
     return Reply(f"{text}\n{quoted}", channel_id=config.channel, delete_original=config.delete)
 
 
 async def moderation(ctx: PluginContext, request: Request) -> Reply:
-    action, _, value = request.text.partition(" ")
+    action, _sep, value = request.text.partition(" ")
     action, value = action.lower() or "status", value.strip()
     config = await in_force(ctx, request)
     terms = config.own_terms
     switch = {"on": True, "off": False}.get(value.lower())
     if action == "status":
-        return Reply(
-            f"Terms: {', '.join(config.terms) or '(none)'}\n"
-            f"Mod channel: {config.channel or '(none: flagged messages are only logged)'}\n"
-            f"Model classification: {'on' if config.classify else 'off'}\n"
-            f"Delete flagged messages: {'on' if config.delete else 'off'}"
-        )
+        on, off = _("on"), _("off")
+        lines = [
+            _("Terms: {terms}", terms=", ".join(config.terms) or _("(none)")),
+            _("Mod channel: {channel}", channel=config.channel or _("(none: flagged messages are only logged)")),
+            _("Model classification: {state}", state=on if config.classify else off),
+            _("Delete flagged messages: {state}", state=on if config.delete else off),
+        ]
+        return Reply("\n".join(lines))
     changes: dict[str, object]
     if action == "add" and value:
         changes = {"terms": [*terms, value] if value not in terms else terms}
-        answer = f"Messages with “{value}” will be reported."
+        answer = _("Messages with “{term}” will be reported.", term=value)
     elif action == "remove" and value in terms:
         changes = {"terms": [t for t in terms if t != value]}
-        answer = f"“{value}” is no longer flagged."
+        answer = _("“{term}” is no longer flagged.", term=value)
     elif action == "remove" and value:
-        return Reply(f"“{value}” is not one of this guild's terms (global terms are in the settings).", failed=True)
+        return Reply(
+            _("“{term}” is not one of this guild's terms (global terms are in the settings).", term=value), failed=True
+        )
     elif action == "channel" and value:
         channel = request.channel_id if value.lower() == "here" else value.strip("<#>")
         changes = {"channel": channel}
-        answer = f"Reports go to {channel}."
+        answer = _("Reports go to {channel}.", channel=channel)
     elif action in ("classify", "delete") and switch is not None:
         changes = {action: switch}
-        what = "Model classification" if action == "classify" else "Deleting flagged messages"
-        answer = f"{what} is {value.lower()}."
+        state = _("on") if switch else _("off")
+        if action == "classify":
+            answer = _("Model classification is {state}.", state=state)
+        else:
+            answer = _("Deleting flagged messages is {state}.", state=state)
     else:
-        return Reply(USAGE, failed=True)
+        return Reply(_(USAGE), failed=True)
     await ctx.update(ModerationGuild, request.place, **changes)
     return Reply(answer)
 
@@ -165,7 +190,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "moderation",
-            "configure moderation: flagged terms, the mod channel, model classification, deletion",
+            N_("configure moderation: flagged terms, the mod channel, model classification, deletion"),
             moderation,
             "[status|add <term>|remove <term>|channel <id>|here|classify on|off|delete on|off]",
             admin=True,

@@ -17,6 +17,7 @@ from datetime import datetime
 from pydantic import Field
 
 from bot.api import (
+    N_,
     Command,
     Hit,
     Option,
@@ -26,12 +27,14 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    _,
     hookimpl,
     message_link,
+    ngettext,
 )
 
 NAME_CHARS = 100
-NOTHING_FOUND = (
+NOTHING_FOUND = N_(
     "I found nothing about that in this team's knowledge base or past messages, so I won't guess. "
     "An admin can add documents with /kb-add name:<name> <text>."
 )
@@ -98,7 +101,7 @@ async def with_neighbours(ctx: PluginContext, hits: list[Hit], texts: list[str],
 
 async def ask(ctx: PluginContext, request: Request) -> Reply:
     if not request.text:
-        return Reply("Usage: /ask <question>: answered from the knowledge base and past messages.", failed=True)
+        return Reply(_("Usage: /ask <question>: answered from the knowledge base and past messages."), failed=True)
     hits = await ctx.search.search(
         request.text,
         *request.place,
@@ -108,7 +111,7 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
     # A past message that is itself a question (someone's earlier /ask, say) answers nothing.
     hits = [h for h in hits if not (h.kind == "message" and is_question(h.text))]
     if not hits:
-        return Reply(NOTHING_FOUND)
+        return Reply(_(NOTHING_FOUND))
     labels = [source_label(h, request.place) for h in hits]
     texts = await fit_sources(ctx, hits)
     sources = [
@@ -118,9 +121,14 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
     system = ctx.prompts.render("qa_system", bot_name=ctx.settings.bot_name, sources=sources)
     reply = await ctx.converse(request, system)
     assert reply.stream is not None
-    footer = "\n\nSources:\n" + "\n".join(
-        f"[{i}] {label}" + (f": “{hit.quote}”" if hit.quote else "")
-        for i, (label, hit) in enumerate(zip(labels, hits, strict=True), 1)
+    footer = (
+        "\n\n"
+        + _("Sources:")
+        + "\n"
+        + "\n".join(
+            f"[{i}] {label}" + (f": “{hit.quote}”" if hit.quote else "")
+            for i, (label, hit) in enumerate(zip(labels, hits, strict=True), 1)
+        )
     )
     reply.stream = _then(reply.stream, footer)
     return reply
@@ -137,9 +145,9 @@ async def kb_add(ctx: PluginContext, request: Request) -> Reply:
     if request.attachments:
         return await _add_files(ctx, request, name)
     if not request.text:
-        return Reply("Usage: " + ADD_USAGE, failed=True)
+        return Reply(_("Usage: {usage}", usage=ADD_USAGE), failed=True)
     count = await ctx.search.add_document(*request.place, name, request.text, added_by=request.author_id)
-    return Reply(f"Added “{name}” to the knowledge base ({_passages(count)}).")
+    return Reply(_("Added “{name}” to the knowledge base ({passages}).", name=name, passages=_passages(count)))
 
 
 async def _add_files(ctx: PluginContext, request: Request, name: str) -> Reply:
@@ -149,37 +157,38 @@ async def _add_files(ctx: PluginContext, request: Request, name: str) -> Reply:
     for filename, body in request.attachments:
         doc = f"{name}/{filename}"[-NAME_CHARS:]
         if not body.strip() or len(body) > ctx.settings.max_document_chars:
-            why = (
-                "it is empty"
-                if not body.strip()
-                else f"over QUILL_MAX_DOCUMENT_CHARS ({ctx.settings.max_document_chars})"
-            )
-            lines.append(f"- {filename}: not added, {why}")
+            if not body.strip():
+                lines.append(_("- {file}: not added, it is empty", file=filename))
+            else:
+                limit = ctx.settings.max_document_chars
+                lines.append(
+                    _("- {file}: not added, over QUILL_MAX_DOCUMENT_CHARS ({limit})", file=filename, limit=limit)
+                )
             failed = True
             continue
         count = await ctx.search.add_document(*request.place, doc, body, added_by=request.author_id)
         lines.append(f"- “{doc}” ({_passages(count)})")
-    return Reply("Knowledge base:\n" + "\n".join(lines), failed=failed)
+    return Reply(_("Knowledge base:") + "\n" + "\n".join(lines), failed=failed)
 
 
 async def kb_list(ctx: PluginContext, request: Request) -> Reply:
     docs = await ctx.search.list_documents(*request.place)
     if not docs:
-        return Reply("The knowledge base is empty. An admin adds documents with " + ADD_USAGE)
-    return Reply("Knowledge base:\n" + "\n".join(f"- {name} ({_passages(n)})" for name, n in docs))
+        return Reply(_("The knowledge base is empty. An admin adds documents with {usage}", usage=ADD_USAGE))
+    return Reply(_("Knowledge base:") + "\n" + "\n".join(f"- {name} ({_passages(n)})" for name, n in docs))
 
 
 async def kb_remove(ctx: PluginContext, request: Request) -> Reply:
     name = request.text
     if not name:
-        return Reply("Usage: /kb-remove <name> (/kb-list shows the names)", failed=True)
+        return Reply(_("Usage: /kb-remove <name> (/kb-list shows the names)"), failed=True)
     if await ctx.search.remove_document(*request.place, name):
-        return Reply(f"Removed “{name}” from the knowledge base.")
-    return Reply(f"There is no document named “{name}”. /kb-list shows them.", failed=True)
+        return Reply(_("Removed “{name}” from the knowledge base.", name=name))
+    return Reply(_("There is no document named “{name}”. /kb-list shows them.", name=name), failed=True)
 
 
 def _passages(count: int) -> str:
-    return f"{count} passage{'s' * (count != 1)}"
+    return ngettext("{count} passage", "{count} passages", count)
 
 
 @hookimpl
@@ -189,7 +198,7 @@ async def digest_sections(context: PluginContext, place: Place, since: datetime)
     if not docs:
         return None
     lines = [f"- {name} ({_passages(count)}), {added:%Y-%m-%d}" for name, count, added in docs]
-    return Section("New in the knowledge base", "\n".join(lines))
+    return Section(_("New in the knowledge base"), "\n".join(lines))
 
 
 @hookimpl
@@ -202,7 +211,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "ask",
-            "answer a question from the team's knowledge base and past messages, citing sources",
+            N_("answer a question from the team's knowledge base and past messages, citing sources"),
             ask,
             "<question>",
         )
@@ -210,14 +219,16 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "kb-add",
-            "add a document (pasted text or a text file) to the knowledge base /ask answers from; "
-            "a document of the same name is replaced",
+            N_(
+                "add a document (pasted text or a text file) to the knowledge base /ask answers from; "
+                "a document of the same name is replaced"
+            ),
             kb_add,
             "<text>",
             admin=True,
-            options=(Option("name", "document name", required=True, max=NAME_CHARS),),
+            options=(Option("name", N_("document name"), required=True, max=NAME_CHARS),),
             document=True,
         )
     )
-    register(Command("kb-list", "list the knowledge base's documents", kb_list))
-    register(Command("kb-remove", "remove a document from the knowledge base", kb_remove, "<name>", admin=True))
+    register(Command("kb-list", N_("list the knowledge base's documents"), kb_list))
+    register(Command("kb-remove", N_("remove a document from the knowledge base"), kb_remove, "<name>", admin=True))

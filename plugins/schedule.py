@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
-from bot.api import Command, Option, PluginContext, QuillError, Reply, Request, hookimpl
+from bot.api import (
+    N_,
+    Command,
+    Option,
+    PluginContext,
+    QuillError,
+    Reply,
+    Request,
+    _,
+    error_text,
+    format_datetime,
+    hookimpl,
+)
 
-USAGE = (
+USAGE = N_(
     "/schedule add <name> <when> /<command> [args]  (option to:<channel>, default here)\n"
     "  when: daily HH:MM [Time/Zone] | weekly mon HH:MM [Time/Zone]\n"
     "        | cron MIN HOUR DAY MONTH WEEKDAY [Time/Zone]\n"
@@ -17,46 +30,59 @@ USAGE = (
 async def schedule(ctx: PluginContext, request: Request) -> Reply:
     scheduler = ctx.scheduler
     if scheduler is None:
-        return Reply("This process runs no scheduler.", failed=True)
-    action, _, rest = request.text.partition(" ")
+        return Reply(_("This process runs no scheduler."), failed=True)
+    action, _sep, rest = request.text.partition(" ")
     action, rest = action.lower(), rest.strip()
     try:
         if action == "add":
-            name, _, rest = rest.partition(" ")
+            name, _sep, rest = rest.partition(" ")
             # The command starts at the first word beginning with "/" (time zones contain "/").
             when, slash, command = f" {rest}".partition(" /")
             if not slash:
-                return Reply(f"Say which command to run, e.g. /digest.\nUsage:\n{USAGE}", failed=True)
+                return Reply(_("Say which command to run, e.g. /digest.") + "\n" + _usage(), failed=True)
             place = request.place
             target = request.options.get("to") or request.channel_id
             job = await scheduler.add(name, when, place, "/" + command, target)
             summary = f"{job.command} ({job.when}) -> {job.target}"
-            return Reply(f"Scheduled {job.id}: {summary}; next run {job.next_run}.")
+            return Reply(
+                _("Scheduled {job}: {summary}; next run {next}.", job=job.id, summary=summary, next=_when(job.next_run))
+            )
         if action == "list":
             jobs = await scheduler.jobs()
             if not jobs:
-                return Reply("No scheduled jobs.")
+                return Reply(_("No scheduled jobs."))
             lines = [
-                f"{j.id}: {j.command} ({j.when}) in {j.place.channel_id} -> {j.target}; "
-                + ("paused" if j.paused else f"next {j.next_run}")
+                f"{j.id}: {j.command} ({j.when}) "
+                + _("in {channel}", channel=j.place.channel_id)
+                + f" -> {j.target}; "
+                + (_("paused") if j.paused else _("next {next}", next=_when(j.next_run)))
                 for j in jobs
             ]
-            return Reply("\n".join(lines), title="Scheduled jobs")
+            return Reply("\n".join(lines), title=_("Scheduled jobs"))
         if action in ("pause", "resume", "remove", "run") and rest:
             if action == "pause":
                 await scheduler.pause(rest)
-                return Reply(f"Paused {rest}.")
+                return Reply(_("Paused {job}.", job=rest))
             if action == "resume":
                 job = await scheduler.resume(rest)
-                return Reply(f"Resumed {rest}; next run {job.next_run}.")
+                return Reply(_("Resumed {job}; next run {next}.", job=rest, next=_when(job.next_run)))
             if action == "remove":
                 await scheduler.remove(rest)
-                return Reply(f"Removed {rest}.")
+                return Reply(_("Removed {job}.", job=rest))
             reply = await scheduler.run_now(rest)
-            return Reply(f"Ran {rest}" + ("." if reply.text else "; it had nothing to post."))
+            return Reply(_("Ran {job}.", job=rest) if reply.text else _("Ran {job}; it had nothing to post.", job=rest))
     except QuillError as exc:  # a bad schedule or an unknown job: its message says which
-        return Reply(str(exc), failed=True)
-    return Reply(f"Usage:\n{USAGE}", failed=True)
+        return Reply(error_text(exc), failed=True)
+    return Reply(_usage(), failed=True)
+
+
+def _when(moment: datetime | None) -> str:
+    """A job's next run as the user's locale writes a date and time, with its zone."""
+    return format_datetime(moment, "long") if moment else _("paused")
+
+
+def _usage() -> str:
+    return _("Usage:") + "\n" + _(USAGE)
 
 
 @hookimpl
@@ -64,10 +90,10 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "schedule",
-            "run commands on a schedule and post their replies (digests, ...)",
+            N_("run commands on a schedule and post their replies (digests, ...)"),
             schedule,
             usage="add|list|pause|resume|run|remove ...",
             admin=True,
-            options=(Option("to", "channel the job's replies are posted to (default: here)"),),
+            options=(Option("to", N_("channel the job's replies are posted to (default: here)")),),
         )
     )

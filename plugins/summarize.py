@@ -25,6 +25,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, StringConstraints, create_model
 
 from bot.api import (
+    N_,
     ChatMessage,
     Command,
     ContextOverflow,
@@ -36,9 +37,12 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    Text,
+    _,
     content_words,
     hookimpl,
     message_link,
+    ngettext,
     quote,
 )
 
@@ -52,7 +56,8 @@ FINAL_BASE_TOKENS = 48
 TOKENS_PER_ITEM = 72
 MAX_CITES = 3
 SECTIONS = ("key_points", "decisions", "open_questions", "who_said_what")
-TITLES = ("Key points", "Decisions", "Open questions", "Who said what")
+TITLES = (N_("Key points"), N_("Decisions"), N_("Open questions"), N_("Who said what"))
+NOTES = N_("Notes")  # the title of a plain-notes fallback's points
 
 # Bounds of the options: QUILL_SUMMARIZE_MAX_MESSAGES's own bound, and a year.
 MAX_MESSAGES = 100_000
@@ -137,8 +142,11 @@ class Summarizer:
         budget = min(self.config.chunk_tokens, room)
         if budget < 2 * (self.note_tokens + 1):
             raise ContextOverflow(
-                f"The model's context ({self.ctx.engine.n_ctx} tokens, QUILL_N_CTX) is too small to "
-                "summarize in parts; raise it or lower QUILL_SUMMARIZE_NOTE_TOKENS."
+                Text(
+                    "The model's context ({tokens} tokens, QUILL_N_CTX) is too small to summarize in parts; "
+                    "raise it or lower QUILL_SUMMARIZE_NOTE_TOKENS.",
+                    tokens=self.ctx.engine.n_ctx,
+                )
             )
         return budget
 
@@ -235,7 +243,7 @@ def checked(summary: BaseModel | str, sources: list[str], stats: Stats) -> list[
             ids = [int(n) for n in _CITATION.findall(line)][:MAX_CITES]
             text = _CITATION.sub("", line).strip(" -*•\t")[:ITEM_CHARS]
             if text:
-                proposed.append(("Notes", Point(text=text, ids=ids)))
+                proposed.append((NOTES, Point(text=text, ids=ids)))
     else:
         for key, title in zip(SECTIONS, TITLES, strict=True):
             proposed += [(title, p) for p in getattr(summary, key, []) if p.text.strip()]
@@ -256,21 +264,31 @@ def render(points: list[tuple[str, Point]], stats: Stats, sources: list[str]) ->
     """The checked points as Markdown sections, each with its citation numbers, then the cited
     messages themselves (`sources` already quoted, by number), and what it cost."""
     parts = []
-    for title in dict.fromkeys(t for t, _ in points):
+    for title in dict.fromkeys(t for t, _point in points):
         items = [f"- {p.text.strip()} " + "".join(f"[{n}]" for n in p.ids) for t, p in points if t == title]
-        parts.append(f"**{title}**\n" + "\n".join(items))
-    cited = sorted({n for _, p in points for n in p.ids})
+        parts.append(f"**{_(title)}**\n" + "\n".join(items))
+    cited = sorted({n for _n, p in points for n in p.ids})
     if cited:
-        parts.append("**Sources**\n" + "\n".join(f"[{n}] {sources[n - 1]}" for n in cited))
+        parts.append(f"**{_('Sources')}**\n" + "\n".join(f"[{n}] {sources[n - 1]}" for n in cited))
     if not points:
-        why = f"{stats.dropped} dropped as uncited or unsupported" if stats.dropped else "it proposed none"
+        if stats.dropped:
+            why = _("{count} dropped as uncited or unsupported", count=stats.dropped)
+        else:
+            why = _("it proposed none")
         parts.append(
-            f"The model's summary had no point that cites the messages it rests on ({why}); "
-            "/digest lists the questions and decisions found in them."
+            _(
+                "The model's summary had no point that cites the messages it rests on ({why}); "
+                "/digest lists the questions and decisions found in them.",
+                why=why,
+            )
         )
-    calls = f"{stats.calls} model call{'s' * (stats.calls != 1)}"
-    dropped = f", {stats.dropped} unsupported point(s) dropped" if stats.dropped else ""
-    return "\n\n".join(parts) + f"\n\n_{stats.messages} messages, {max(stats.chunks, 1)} part(s), {calls}{dropped}._"
+    figures = {"messages": stats.messages, "parts": max(stats.chunks, 1), "dropped": stats.dropped}
+    figures["calls"] = ngettext("{count} model call", "{count} model calls", stats.calls)
+    if stats.dropped:
+        footer = _("{messages} messages, {parts} part(s), {calls}, {dropped} unsupported point(s) dropped.", **figures)
+    else:
+        footer = _("{messages} messages, {parts} part(s), {calls}.", **figures)
+    return "\n\n".join(parts) + f"\n\n_{footer}_"
 
 
 def log_lines(messages: list[Any]) -> list[str]:
@@ -297,17 +315,20 @@ async def summarize(ctx: PluginContext, request: Request) -> Reply:
     cap = config.max_messages
     count, hours = request.number("messages"), request.number("hours")
     if count is not None and count > cap:
-        return Reply(f"I summarize at most {cap:,} messages (QUILL_SUMMARIZE_MAX_MESSAGES).", failed=True)
+        return Reply(_("I summarize at most {cap} messages (QUILL_SUMMARIZE_MAX_MESSAGES).", cap=cap), failed=True)
     limit = count or (cap if hours else config.default_messages)
     since = datetime.now(UTC) - timedelta(hours=hours) if hours else None
     conv = await ctx.memory.conversation(*request.place)
     assert conv.id is not None
     messages = await ctx.memory.recent_messages(conv.id, limit, since)
     if not messages:
-        return Reply("There are no stored messages here to summarize yet.")
-    text, _ = await cited_summary(ctx, request.place, messages)
-    span = f"the last {hours} hour(s)" if hours else f"the last {len(messages)} messages"
-    return Reply(text, title=f"Summary of {span}")
+        return Reply(_("There are no stored messages here to summarize yet."))
+    text, _points = await cited_summary(ctx, request.place, messages)
+    if hours:
+        title = _("Summary of the last {hours} hour(s)", hours=hours)
+    else:
+        title = _("Summary of the last {count} messages", count=len(messages))
+    return Reply(text, title=title)
 
 
 @hookimpl
@@ -321,7 +342,7 @@ async def digest_sections(context: PluginContext, place: Place, since: datetime)
     if not messages:
         return None
     text, points = await cited_summary(context, place, messages)
-    return Section("Summary", text) if points else None
+    return Section(_("Summary"), text) if points else None
 
 
 @hookimpl
@@ -334,11 +355,11 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "summarize",
-            "summarize this channel's recent messages: key points, decisions, open questions, who said what",
+            N_("summarize this channel's recent messages: key points, decisions, open questions, who said what"),
             summarize,
             options=(
-                Option("messages", "how many recent messages (default 200)", kind=int, min=1, max=MAX_MESSAGES),
-                Option("hours", "only messages from the last N hours", kind=int, min=1, max=MAX_HOURS),
+                Option("messages", N_("how many recent messages (default 200)"), kind=int, min=1, max=MAX_MESSAGES),
+                Option("hours", N_("only messages from the last N hours"), kind=int, min=1, max=MAX_HOURS),
             ),
         )
     )

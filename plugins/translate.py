@@ -19,9 +19,21 @@ from typing import Any
 from lingua import Language, LanguageDetectorBuilder
 from pydantic import Field
 
-from bot.api import ChannelSettings, ChatMessage, Command, Option, PluginContext, Reply, Request, hookimpl
+from bot.api import (
+    N_,
+    ChannelSettings,
+    ChatMessage,
+    Command,
+    Option,
+    PluginContext,
+    Reply,
+    Request,
+    _,
+    hookimpl,
+    language_label,
+)
 
-EXAMPLES = "fr (French), de (German), es (Spanish), pt (Portuguese), ja (Japanese), zh (Chinese)"
+EXAMPLES = N_("fr (French), de (German), es (Spanish), pt (Portuguese), ja (Japanese), zh (Chinese)")
 MARKER = re.compile(r"⟦(\d+)⟧")
 
 # What must come back untouched, longest constructs first.
@@ -68,7 +80,9 @@ def resolve_language(name: str) -> Language | None:
 
 
 def language_name(language: Language | None) -> str:
-    return language.name.title() if language else "an unknown language"
+    if language is None:
+        return _("an unknown language")
+    return language_label(language.iso_code_639_1.name, language.name.title())
 
 
 @functools.cache
@@ -154,17 +168,21 @@ async def translate(ctx: PluginContext, request: Request) -> Reply:
     target = resolve_language(request.options.get("to", ""))
     if target is None:
         return Reply(
-            f"I don't know the language “{request.options.get('to')}”. Give a name or a code, e.g. {EXAMPLES}.",
+            _(
+                "I don't know the language “{language}”. Give a name or a code, e.g. {examples}.",
+                language=request.options.get("to"),
+                examples=_(EXAMPLES),
+            ),
             failed=True,
         )
     text = request.text or request.quoted  # no text: the message it replies to
     if not text:
-        return Reply("Usage: /translate to:<language> <text> (or reply to a message with it)", failed=True)
+        return Reply(_("Usage: /translate to:<language> <text> (or reply to a message with it)"), failed=True)
     translation, source = await translate_into(ctx, text, target)
     if not translation:
         if source == target:
-            return Reply(f"That is already in {language_name(target)}.")
-        return Reply("Nothing to translate: that is only code, links, mentions or emoji.", failed=True)
+            return Reply(_("That is already in {language}.", language=language_name(target)))
+        return Reply(_("Nothing to translate: that is only code, links, mentions or emoji."), failed=True)
     return Reply(f"{translation}\n\n_({language_name(source)} → {language_name(target)})_")
 
 
@@ -180,12 +198,15 @@ async def autotranslate(ctx: PluginContext, request: Request) -> Reply:
     choice = request.text.strip()
     if choice.casefold() == "off":
         await ctx.update(TranslateChannel, request.place, auto=None)
-        return Reply("Auto-translation is off in this channel.")
+        return Reply(_("Auto-translation is off in this channel."))
     target = resolve_language(choice) if choice else None
     if target is None:
-        return Reply(f"Usage: /autotranslate <language>|off, with a language such as {EXAMPLES}.", failed=True)
+        usage = _("Usage: /autotranslate <language>|off, with a language such as {examples}.", examples=_(EXAMPLES))
+        return Reply(usage, failed=True)
     await ctx.update(TranslateChannel, request.place, auto=target.iso_code_639_1.name)
-    return Reply(f"Messages in this channel not in {language_name(target)} will be translated into it.")
+    return Reply(
+        _("Messages in this channel not in {language} will be translated into it.", language=language_name(target))
+    )
 
 
 @hookimpl
@@ -213,16 +234,18 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "translate",
-            "translate text into another language; code, links, mentions, emoji and formatting are kept",
+            N_("translate text into another language; code, links, mentions, emoji and formatting are kept"),
             translate,
             "<text>",
-            options=(Option("to", "target language (name or code)", required=True, choices=("en", "fr", "de", "es")),),
+            options=(
+                Option("to", N_("target language (name or code)"), required=True, choices=("en", "fr", "de", "es")),
+            ),
         )
     )
     register(
         Command(
             "autotranslate",
-            "translate every message of this channel into one language, or turn it off (default)",
+            N_("translate every message of this channel into one language, or turn it off (default)"),
             autotranslate,
             "<language>|off",
             admin=True,

@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from bot.api import ChatMessage, Command, Option, PluginContext, Reply, Request, hookimpl
+from bot.api import N_, ChatMessage, Command, Option, PluginContext, Reply, Request, _, hookimpl
 
 MODES = ("proofread", "rewrite", "shorten", "expand", "draft")
 TONES = ("formal", "friendly", "concise")
@@ -23,7 +23,7 @@ MAX_FIXES = 5
 # JSON punctuation plus a generous count per bounded fix: the reply can always complete.
 PROOFREAD_TOKENS = 32 + MAX_FIXES * 96
 TEMPLATE_TOKENS = 24
-USAGE = (
+USAGE = N_(
     "Usage: /write [tone:formal|friendly|concise] <proofread|rewrite|shorten|expand|draft> <text> "
     "(draft takes bullet points)"
 )
@@ -78,22 +78,24 @@ async def _too_long(ctx: PluginContext, system: str, text: str, reply_tokens: in
     room = ctx.engine.n_ctx - reply_tokens - TEMPLATE_TOKENS
     if used <= room:
         return None
-    return Reply(
-        f"That text is too long for one pass ({used} tokens with the instructions; {max(room, 0)} fit "
-        f"beside the reply in this model's context, QUILL_N_CTX). Please send it in parts.",
-        failed=True,
+    refusal = _(
+        "That text is too long for one pass ({used} tokens with the instructions; {room} fit "
+        "beside the reply in this model's context, QUILL_N_CTX). Please send it in parts.",
+        used=used,
+        room=max(room, 0),
     )
+    return Reply(refusal, failed=True)
 
 
 async def write(ctx: PluginContext, request: Request) -> Reply:
     mode = str(request.options.get("mode", ""))
     text = request.text
     if not mode:
-        first, _, rest = text.partition(" ")
+        first, _sep, rest = text.partition(" ")
         mode, text = first.lower(), rest.strip()
     tone = str(request.options.get("tone", "")) or ("concise" if mode == "draft" else "formal")
     if mode not in MODES or not text:
-        return Reply(USAGE, failed=True)
+        return Reply(_(USAGE), failed=True)
     system = ctx.prompts.render("write_system", mode=mode, tone=tone)
     messages = [ChatMessage("system", system), ChatMessage("user", text)]
     if mode == "proofread":
@@ -104,17 +106,25 @@ async def write(ctx: PluginContext, request: Request) -> Reply:
         )
         corrected, applied = apply_fixes(text, result.fixes)
         if not applied:
-            return Reply("No fixes found.")
+            return Reply(_("No fixes found."))
         fixes = "\n".join(f"{i}. “{f.original}” → “{f.correction}” ({f.reason})" for i, f in enumerate(applied, 1))
-        return Reply(f"Fixes:\n{fixes}\n\nChanges:\n{word_diff(text, corrected)}\n\nCorrected:\n{corrected}")
+        diff = word_diff(text, corrected)
+        return Reply(
+            _(
+                "Fixes:\n{fixes}\n\nChanges:\n{diff}\n\nCorrected:\n{corrected}",
+                fixes=fixes,
+                diff=diff,
+                corrected=corrected,
+            )
+        )
     options = ctx.options()
     if refusal := await _too_long(ctx, system, text, options.max_tokens):
         return refusal
     result = (await ctx.engine.chat(messages, options)).text.strip()
     if not result:
-        return Reply("The model gave an empty reply; please try again.", failed=True)
+        return Reply(_("The model gave an empty reply; please try again."), failed=True)
     if mode == "rewrite":
-        return Reply(f"{result}\n\nChanges:\n{word_diff(text, result)}")
+        return Reply(_("{result}\n\nChanges:\n{diff}", result=result, diff=word_diff(text, result)))
     return Reply(result)
 
 
@@ -123,13 +133,15 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "write",
-            "writing help: proofread (list of fixes and a diff), rewrite in a tone (with a diff), "
-            "shorten, expand, or draft from bullet points",
+            N_(
+                "writing help: proofread (list of fixes and a diff), rewrite in a tone (with a diff), "
+                "shorten, expand, or draft from bullet points"
+            ),
             write,
             "<proofread|rewrite|shorten|expand|draft> <text>",
             options=(
-                Option("mode", "proofread, rewrite, shorten, expand or draft", choices=MODES, closed=True),
-                Option("tone", "formal, friendly or concise", choices=TONES, closed=True),
+                Option("mode", N_("proofread, rewrite, shorten, expand or draft"), choices=MODES, closed=True),
+                Option("tone", N_("formal, friendly or concise"), choices=TONES, closed=True),
             ),
         )
     )

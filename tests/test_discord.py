@@ -742,3 +742,57 @@ async def test_several_files_attached_to_kb_add_become_one_document_each(
     where = ("discord", str(general.guild.id), str(general.id))
     (hit,) = await app.context.search.search("值班结束后能休息吗？", *where, 4, min_relevance=0.4)
     assert hit.name == "handbook/值班.txt"
+
+
+def zh_cn(payload: dict[str, Any]) -> dict[str, Any]:
+    """The interaction as a Discord client set to Simplified Chinese sends it."""
+    return {**payload, "locale": "zh-CN"}
+
+
+async def test_a_zh_cn_slash_command_gets_chinese_refusals_and_usage_and_an_english_user_english(
+    bot: QuillClient, app: Quill, webhook: RecordingWebhookAdapter
+) -> None:
+    general, manager = channel("general"), discord.Permissions(manage_guild=True)
+    huge = [{"name": "days", "type": 4, "value": 10**12}]
+    await invoke(zh_cn(interaction_payload(bot, general, member("ada"), ["retention"], huge, permissions=manager)))
+    refusal = webhook.texts()[-1]
+    assert refusal.startswith("/retention：days 需要0 到 36,500 之间的整数") and "用法：/retention" in refusal
+    await invoke(interaction_payload(bot, general, member("bob"), ["retention"], huge, permissions=manager))
+    assert webhook.texts()[-1].startswith("/retention: days takes a whole number from 0 to 36,500")
+    await invoke(zh_cn(interaction_payload(bot, general, member("bob"), ["secret"], [])))
+    assert webhook.texts()[-1] == "/secret 仅限管理员使用。这需要“管理服务器”权限（或你的 ID 在 QUILL_ADMIN_IDS 中）。"
+    await invoke(zh_cn(interaction_payload(bot, general, member("bob"), ["help"], [])))
+    listed = webhook.texts()[-1]
+    assert listed.startswith("命令：") and "/ask" in listed and "根据团队知识库和以往消息回答问题" in listed
+    await invoke(interaction_payload(bot, general, member("ada"), ["help"], []))
+    assert webhook.texts()[-1].startswith("Commands:")
+
+
+async def test_the_translator_gives_every_quill_command_and_option_a_chinese_description(
+    bot: QuillClient, probe: ProbePlugin, webhook: RecordingWebhookAdapter
+) -> None:
+    await bot.setup_hook()  # where the client sets its translator (syncing globally too)
+    general, manager = channel("general"), discord.Permissions(manage_guild=True)
+    scope = [{"name": "scope", "type": 3, "value": "guild"}]
+    await invoke(zh_cn(interaction_payload(bot, general, member("ada"), ["quill", "sync"], scope, permissions=manager)))
+    assert (
+        webhook.texts()[-1] == f"已向本服务器同步 {len(bot.api.synced[str(general.guild.id)])} 个命令；现在即可使用。"
+    )
+    probes = {"echo", "secret", "card", "long", "slow"}  # the test plugin's, which ships no catalog
+    published = [c for c in bot.api.synced[str(general.guild.id)] if c["name"] not in probes]
+    assert {c["name"] for c in published} >= {"ask", "summarize", "digest", "help", "quill", "language"}
+
+    def described(item: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+        """(name, English, zh-CN) of an item and of every option and subcommand under it."""
+        own = [(item["name"], item["description"], (item.get("description_localizations") or {}).get("zh-CN"))]
+        return own + [d for option in item.get("options", []) for d in described(option)]
+
+    everything = [d for command in published for d in described(command)]
+    untranslated = [(name, english) for name, english, chinese in everything if not chinese or chinese == english]
+    # The free-text option's description is the command's usage syntax (`<question>`), not prose.
+    assert [(n, e) for n, e in untranslated if n != "text"] == []
+    ask = next(c for c in published if c["name"] == "ask")
+    assert ask["description_localizations"]["zh-CN"] == "根据团队知识库和以往消息回答问题，并注明来源"
+    assert "團隊知識庫" in ask["description_localizations"]["zh-TW"]  # a Taiwanese client: Traditional
+    assert ask["description"].startswith("answer a question")  # English stays the default
+    assert all(len(chinese or "") <= 100 for _name, _english, chinese in everything)

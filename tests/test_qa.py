@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from bot.api import Place, Request, Section
 from bot.app import Quill
+from bot.i18n import gettext_in
 from bot.search import split_passages
 from bot.textindex import query_terms
 from plugins.qa import NOTHING_FOUND, QaSettings, fit_sources
@@ -116,8 +117,10 @@ async def test_off_topic_gets_nothing_found_without_asking_the_model(app: Quill)
     await say(app, f"/kb-add name:ml {ML_NOTES}")
     await say(app, "/kb-add name:rnn Long Short-Term Memory networks keep a cell state across long sequences.")
     # Each shares a word with the documents ("long", "网络"), which used to count as found.
-    for question in ("How long is the lunch break?", "what is the airspeed of a swallow?", "附近有什么网络游戏？"):
+    for question in ("How long is the lunch break?", "what is the airspeed of a swallow?"):
         assert await say(app, f"/ask {question}") == NOTHING_FOUND, question
+    # A Chinese question gets quill's Chinese sentence (issue #22).
+    assert await say(app, "/ask 附近有什么网络游戏？") == gettext_in("zh-CN", NOTHING_FOUND)
     conv = await app.memory.conversation("discord", "g1", "help")
     assert await app.memory.history(conv.id, 10_000) == []  # converse never ran: no turn stored
     usage = await app.router.handle(request("/ask"))

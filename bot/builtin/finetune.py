@@ -39,6 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from bot.api import (
+    N_,
     ChannelSettings,
     Command,
     Place,
@@ -48,6 +49,8 @@ from bot.api import (
     Reaction,
     Reply,
     Request,
+    _,
+    error_text,
     hookimpl,
 )
 from bot.memory import Memory
@@ -62,7 +65,7 @@ GENERAL_BASE_CACHE = "general-base-nll.json"  # the base model's figure on it, p
 CONTRIBUTORS = "contributors.json"  # per dataset: a contributor key per line of each part
 ERASED_NOTE = "trained on data of a since-erased user"
 EXTRA_PACKAGES = ("torch", "transformers", "peft", "gguf")
-HOW_TO_ENABLE = (
+HOW_TO_ENABLE = N_(
     'Fine-tuning needs the optional training packages: pip install -e ".[finetune]" '
     "(torch CPU, transformers, peft, gguf, accelerate; about 1.4 GB), then restart the bot."
 )
@@ -658,13 +661,13 @@ async def status(ctx: PluginContext) -> Reply:
     """The last runs, every figure of the latest, and its chart."""
     runs = await asyncio.to_thread(_runs, ctx.memory)
     if not runs:
-        return Reply("No fine-tune runs yet. " + ("" if training_available() else HOW_TO_ENABLE))
+        return Reply(_("No fine-tune runs yet.") + ("" if training_available() else " " + _(HOW_TO_ENABLE)))
     lines = [f"run {runs[0].id}: {describe(runs[0])}", *details(runs[0])]
     lines += [f"run {r.id}: {describe(r)}" for r in runs[1:5]]
     if _training is not None and not _training.done():
-        lines.insert(0, "A training run is in progress.")
+        lines.insert(0, _("A training run is in progress."))
     png = ctx.settings.data_dir / "finetune" / "charts" / f"run-{runs[0].id}.png"
-    return Reply("\n".join(lines), title="Fine-tuning", file=await asyncio.to_thread(chart, runs[0], png))
+    return Reply("\n".join(lines), title=_("Fine-tuning"), file=await asyncio.to_thread(chart, runs[0], png))
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -678,8 +681,8 @@ async def good(ctx: PluginContext, request: Request) -> Reply:
     place = request.place
     answer = await approve_answer(ctx.memory, place, request.author_id)
     if answer is None:
-        return Reply("I have not answered anything here yet.", failed=True)
-    return Reply("Thanks: that answer is kept as a good example for fine-tuning.")
+        return Reply(_("I have not answered anything here yet."), failed=True)
+    return Reply(_("Thanks: that answer is kept as a good example for fine-tuning."))
 
 
 async def _progress(ctx: PluginContext, dataset: Dataset) -> AsyncIterator[str]:
@@ -710,15 +713,24 @@ async def finetune(ctx: PluginContext, request: Request) -> Reply:
     try:
         if action in ("enable", "disable"):
             await ctx.update(FinetuneChannel, request.place, enabled=action == "enable")
+            if action == "enable":
+                return Reply(
+                    _(
+                        "Fine-tuning will learn from approved answers in this channel ({channel}).",
+                        channel=request.channel_id,
+                    )
+                )
             return Reply(
-                f"Fine-tuning {'will' if action == 'enable' else 'will not'} learn from approved answers "
-                f"in this channel ({request.channel_id})."
+                _(
+                    "Fine-tuning will not learn from approved answers in this channel ({channel}).",
+                    channel=request.channel_id,
+                )
             )
         if action == "export":
             data = await export_dataset(ctx)
             problem = gate_problem(data, config.min_heldout_groups)
-            warning = f"\nThe eval gate would refuse it: {problem}." if problem else ""
-            return Reply(f"Exported {data.summary()}, to {data.folder}{warning}")
+            warning = "\n" + _("The eval gate would refuse it: {problem}.", problem=problem) if problem else ""
+            return Reply(_("Exported {summary}, to {folder}", summary=data.summary(), folder=data.folder) + warning)
         if action == "status":
             return await status(ctx)
         if action == "rollback":
@@ -727,24 +739,25 @@ async def finetune(ctx: PluginContext, request: Request) -> Reply:
             return Reply(await deploy_anyway(ctx, int(deploy.group(1))))
         if action == "train":
             if not training_available():
-                return Reply(HOW_TO_ENABLE, failed=True)
+                return Reply(_(HOW_TO_ENABLE), failed=True)
             if "lora" not in ctx.engine.features:
-                return Reply("This model backend cannot serve LoRA adapters.", failed=True)
+                return Reply(_("This model backend cannot serve LoRA adapters."), failed=True)
             if _training is not None and not _training.done():
-                return Reply("A training run is already in progress; /finetune status shows it.", failed=True)
+                return Reply(_("A training run is already in progress; /finetune status shows it."), failed=True)
             data = await export_dataset(ctx)
             if data.n_train + data.n_heldout < config.min_examples:
-                return Reply(
-                    f"{data.n_train + data.n_heldout} approved exchanges; training needs at least "
-                    f"{config.min_examples} (QUILL_FINETUNE_MIN_EXAMPLES).",
-                    failed=True,
+                refusal = _(
+                    "{count} approved exchanges; training needs at least {least} (QUILL_FINETUNE_MIN_EXAMPLES).",
+                    count=data.n_train + data.n_heldout,
+                    least=config.min_examples,
                 )
+                return Reply(refusal, failed=True)
             if problem := gate_problem(data, config.min_heldout_groups):
-                return Reply(f"Not training: {problem}.", failed=True)
-            return Reply(stream=_progress(ctx, data), title="Fine-tuning")
+                return Reply(_("Not training: {problem}.", problem=problem), failed=True)
+            return Reply(stream=_progress(ctx, data), title=_("Fine-tuning"))
     except FinetuneError as exc:
-        return Reply(str(exc), failed=True)
-    return Reply(f"Usage: {FINETUNE_USAGE}", failed=True)
+        return Reply(error_text(exc), failed=True)
+    return Reply(_("Usage: {usage}", usage=FINETUNE_USAGE), failed=True)
 
 
 def _listings(ctx: PluginContext) -> list[Path]:
@@ -831,12 +844,14 @@ async def on_reaction(context: PluginContext, reaction: Reaction) -> str | None:
 
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
-    register(Command("good", "mark my last answer here as a good example to learn from", good))
+    register(Command("good", N_("mark my last answer here as a good example to learn from"), good))
     register(
         Command(
             "finetune",
-            "learn from approved answers: enable/disable this channel, export, train, status, rollback, "
-            "deploy a refused run anyway",
+            N_(
+                "learn from approved answers: enable/disable this channel, export, train, status, rollback, "
+                "deploy a refused run anyway"
+            ),
             finetune,
             usage="enable|disable|export|train|status|rollback|deploy RUN",
             admin=True,

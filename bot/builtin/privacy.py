@@ -18,6 +18,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from bot.api import (
+    N_,
     Command,
     GuildSettings,
     HookResult,
@@ -27,7 +28,9 @@ from bot.api import (
     PluginSettings,
     Reply,
     Request,
+    _,
     hookimpl,
+    ngettext,
 )
 from bot.memory import MAX_RETENTION_DAYS
 from bot.models import utcnow
@@ -56,25 +59,34 @@ class PrivacyGuild(GuildSettings):
 
 def _failures(results: list[HookResult]) -> str:
     failed = sorted({r.plugin for r in results if r.failed})
-    return f" Not erased: what the plugin(s) {', '.join(failed)} keep; that failed and is logged." if failed else ""
+    if not failed:
+        return ""
+    return " " + _(
+        "Not erased: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=", ".join(failed)
+    )
 
 
 async def forget(ctx: PluginContext, request: Request) -> Reply:
-    what, _, rest = request.text.partition(" ")
+    what, _sep, rest = request.text.partition(" ")
     if what == "me":
-        return await _forget_user(ctx, request.author_id, "you")
+        return await _forget_user(ctx, request.author_id, _("you"))
     if what not in ("channel", "user"):
-        return Reply(f"Usage: /forget {USAGE}", failed=True)
+        return Reply(_("Usage: /forget {usage}", usage=USAGE), failed=True)
     if not request.is_admin:
-        hint = f" {request.admin_hint}" if request.admin_hint else ""
-        return Reply(f"/forget {what} is for admins only.{hint} /forget me erases your own data.", failed=True)
+        hint = f" {_(request.admin_hint)}" if request.admin_hint else ""
+        refusal = _("/forget {what} is for admins only.{hint} /forget me erases your own data.", what=what, hint=hint)
+        return Reply(refusal, failed=True)
     if what == "user":
         if not (user_id := rest.strip().strip("<@!>")):
-            return Reply("Usage: /forget user <id or mention>", failed=True)
-        return await _forget_user(ctx, user_id, f"user {user_id}")
+            return Reply(_("Usage: /forget user <id or mention>"), failed=True)
+        return await _forget_user(ctx, user_id, _("user {id}", id=user_id))
     count = await ctx.memory.forget_place(*request.place)
     log.info("forgot channel %s/%s: %d messages", request.guild_id, request.channel_id, count)
-    return Reply(f"Erased this channel's memory: {count} messages.")
+    return Reply(
+        ngettext(
+            "Erased this channel's memory: {count} message.", "Erased this channel's memory: {count} messages.", count
+        )
+    )
 
 
 async def _forget_user(ctx: PluginContext, user_id: str, who: str) -> Reply:
@@ -87,15 +99,18 @@ async def _forget_user(ctx: PluginContext, user_id: str, who: str) -> Reply:
     log.info("forgot user %s: %s", user_id, counts or "nothing stored")
     failures = _failures(results)
     if not counts:
-        return Reply(f"Nothing is stored about {who}.{failures}", failed=bool(failures))
-    listed = ", ".join(f"{n} from {table}" for table, n in sorted(counts.items()))
-    erased = "Erased everything stored" if not failures else "Erased part of what is stored"
-    return Reply(f"{erased} about {who}: {listed}.{failures}", failed=bool(failures))
+        return Reply(_("Nothing is stored about {who}.", who=who) + failures, failed=bool(failures))
+    listed = ", ".join(_("{count} from {table}", count=n, table=table) for table, n in sorted(counts.items()))
+    if failures:
+        erased = _("Erased part of what is stored about {who}: {listed}.", who=who, listed=listed)
+    else:
+        erased = _("Erased everything stored about {who}: {listed}.", who=who, listed=listed)
+    return Reply(erased + failures, failed=bool(failures))
 
 
 async def export(ctx: PluginContext, request: Request) -> Reply:
     if request.text not in ("", "me"):
-        return Reply("Usage: /export me", failed=True)
+        return Reply(_("Usage: /export me"), failed=True)
     data: dict[str, Any] = dict(await ctx.memory.export_user(request.author_id))
     results = await ctx.hooks.call("export_user", user_id=request.author_id)
     plugins = {r.plugin: r.value for r in results if not r.failed and r.value}
@@ -107,8 +122,14 @@ async def export(ctx: PluginContext, request: Request) -> Reply:
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     rows = sum(len(v) for v in data.values())
     failures = sorted({r.plugin for r in results if r.failed})
-    missing = f" Missing: what the plugin(s) {', '.join(failures)} keep; that failed and is logged." if failures else ""
-    return Reply(f"Your data: {rows} rows, in {path}{missing}", file=path, failed=bool(failures))
+    missing = ""
+    if failures:
+        missing = " " + _(
+            "Missing: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=", ".join(failures)
+        )
+    return Reply(
+        _("Your data: {rows} rows, in {path}", rows=rows, path=path) + missing, file=path, failed=bool(failures)
+    )
 
 
 async def retention(ctx: PluginContext, request: Request) -> Reply:
@@ -116,9 +137,11 @@ async def retention(ctx: PluginContext, request: Request) -> Reply:
     if days is None:
         current = (await ctx.scoped(PrivacyGuild, request.place)).retention_days
         days = ctx.config(RetentionSettings).days if current is None else current
-        return Reply(f"Messages here are kept {f'{days} days' if days else 'until erased'}.")
+        if days:
+            return Reply(ngettext("Messages here are kept {count} day.", "Messages here are kept {count} days.", days))
+        return Reply(_("Messages here are kept until erased."))
     await ctx.update(PrivacyGuild, request.place, retention_days=days)
-    return Reply(f"Messages older than {days} days will be deleted daily (0: never).")
+    return Reply(_("Messages older than {days} days will be deleted daily (0: never).", days=days))
 
 
 async def apply_retention(ctx: PluginContext, now: datetime | None = None) -> dict[str, int]:
@@ -150,12 +173,16 @@ def register_jobs(context: PluginContext, register: JobRegistrar) -> None:
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
     register(
-        Command("forget", "erase stored data: yours, or (admins) a channel's or a user's", forget, USAGE, private=True)
+        Command(
+            "forget", N_("erase stored data: yours, or (admins) a channel's or a user's"), forget, USAGE, private=True
+        )
     )
-    register(Command("export", "get everything stored about you as a JSON file", export, "me"))
+    register(Command("export", N_("get everything stored about you as a JSON file"), export, "me"))
     days = Option(
-        "days", "days to keep messages (0: until erased)", kind=int, min=0, max=MAX_RETENTION_DAYS, positional=True
+        "days", N_("days to keep messages (0: until erased)"), kind=int, min=0, max=MAX_RETENTION_DAYS, positional=True
     )
     register(
-        Command("retention", "show or set how many days messages are kept here", retention, admin=True, options=(days,))
+        Command(
+            "retention", N_("show or set how many days messages are kept here"), retention, admin=True, options=(days,)
+        )
     )

@@ -12,12 +12,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from bot.api import Place, Reply, Request
+from bot.api import N_, Place, Reply, Request
 from bot.app import Quill
+from bot.i18n import system_locale
 
 TRANSPORT = "console"
 QUIT_WORDS = {"/quit", "/exit"}
 THINKING_WIDTH = 24  # wide enough to blank "… thinking 9999 s"
+
+
+ADMIN_HINT = N_("Admins here are the users listed in QUILL_ADMIN_IDS.")
 
 
 class ConsoleTransport:
@@ -40,7 +44,9 @@ class ConsoleTransport:
             text=text,
             is_admin=not admins or self.user in admins,
             is_dm=True,
-            admin_hint="Admins here are the users listed in QUILL_ADMIN_IDS.",
+            admin_hint=ADMIN_HINT,
+            locale=self.app.settings.locale,
+            place_locale=system_locale() or "",
         )
 
     async def ask(self, text: str) -> Reply:

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 from pydantic import Field
 
 from bot.api import (
+    N_,
     ChannelSettings,
     Command,
     Option,
@@ -28,8 +29,12 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    _,
+    format_datetime,
+    format_number,
     hookimpl,
     message_link,
+    ngettext,
 )
 
 from . import chart, grounded, mood
@@ -72,14 +77,24 @@ def activity(place: Place, rows: list[tuple[str, Any]]) -> Section:
     for channel, m in rows:
         first.setdefault(channel, m.external_id)
     answers = len(rows) - len(people)
-    lines = [f"{len(people)} messages from {len(by_author)} people, {answers} answers from the bot."]
+    lines = [
+        _(
+            "{messages} messages from {people} people, {answers} answers from the bot.",
+            messages=len(people),
+            people=len(by_author),
+            answers=answers,
+        )
+    ]
     if by_author:
-        lines.append("Most active: " + ", ".join(f"{name} ({n})" for name, n in by_author.most_common(TOP)))
+        most = ", ".join(f"{name} ({format_number(n)})" for name, n in by_author.most_common(TOP))
+        lines.append(_("Most active: {people}", people=most))
     if by_channel:
-        lines.append("Most active threads:")
+        lines.append(_("Most active threads:"))
         for channel, n in by_channel.most_common(TOP):
-            lines.append(f"- {_link(place, channel, first[channel])}: {n} messages")
-    return Section("Activity", "\n".join(lines))
+            lines.append(
+                f"- {_link(place, channel, first[channel])}: " + ngettext("{count} message", "{count} messages", n)
+            )
+    return Section(_("Activity"), "\n".join(lines))
 
 
 async def people_said(ctx: PluginContext, rows: Sequence[tuple[str, Any]]) -> list[Said]:
@@ -121,12 +136,20 @@ def grounded_sections(place: Place, messages: Sequence[Said]) -> list[Section]:
     )[:TOP]
     sections = []
     if questions:
-        sections.append(Section("Open questions", grounded.bullets(place, questions, LIST_LIMIT)))
+        sections.append(Section(_("Open questions"), grounded.bullets(place, questions, LIST_LIMIT)))
     if decided:
-        sections.append(Section("Decisions and action items", grounded.bullets(place, decided, LIST_LIMIT)))
+        sections.append(Section(_("Decisions and action items"), grounded.bullets(place, decided, LIST_LIMIT)))
     if busiest:
-        lines = [f"- {grounded.quoted(place, t.root)}: {len(t.messages)} messages, {t.people} people" for t in busiest]
-        sections.append(Section("Most discussed threads", "\n".join(lines)))
+        lines = [
+            _(
+                "- {thread}: {messages} messages, {people} people",
+                thread=grounded.quoted(place, t.root),
+                messages=len(t.messages),
+                people=t.people,
+            )
+            for t in busiest
+        ]
+        sections.append(Section(_("Most discussed threads"), "\n".join(lines)))
     return sections
 
 
@@ -143,22 +166,32 @@ def mood_section(ctx: PluginContext, place: Place, messages: Sequence[Said]) -> 
     """The mood per day, the threads with the most unhappy messages, and the newest unhappy and
     happy messages elsewhere, quoted: an outage or a teammate's frustration is never just a count."""
     total = Counter(m.mood for m in messages)
-    lines = ["Overall: " + ", ".join(f"{total[label]} {label}" for label in mood.LABELS) + "."]
+    lines = [_("Overall: {positive} positive, {neutral} neutral, {negative} negative.", **_moods(total))]
     for day, counts in per_day(ctx, messages).items():
-        lines.append(f"- {day}: " + " · ".join(f"{counts[label]} {label}" for label in mood.LABELS))
+        lines.append(
+            _("- {day}: {positive} positive · {neutral} neutral · {negative} negative", day=day, **_moods(counts))
+        )
     unhappy = sorted(
         (t for group in _by_channel(messages) for t in grounded.threads(group) if t.unhappy >= 2),
         key=lambda t: t.unhappy,
         reverse=True,
     )
     for thread in unhappy[:TOP]:
-        lines.append(f"**Needs attention:** {grounded.quoted(place, thread.root)}: {thread.unhappy} unhappy messages")
+        thread_text = grounded.quoted(place, thread.root)
+        lines.append(
+            _("**Needs attention:** {thread}: {count} unhappy messages", thread=thread_text, count=thread.unhappy)
+        )
     flagged = {m.key for t in unhappy[:TOP] for m in t.messages}
-    for label, heading in (("negative", "Unhappy"), ("positive", "Highlights")):
+    for label, heading in (("negative", _("Unhappy:")), ("positive", _("Highlights:"))):
         said = [m for m in messages if m.mood == label and m.key not in flagged]
         if said:
-            lines.append(f"{heading}:\n" + grounded.bullets(place, said, TOP))
-    return Section("Mood", "\n".join(lines))
+            lines.append(f"{heading}\n" + grounded.bullets(place, said, TOP))
+    return Section(_("Mood"), "\n".join(lines))
+
+
+def _moods(counts: Counter[str]) -> dict[str, int]:
+    """Each mood label's count, as a sentence's named placeholders."""
+    return {label: counts[label] for label in mood.LABELS}
 
 
 def mood_chart(ctx: PluginContext, messages: Sequence[Said]) -> bytes:
@@ -184,11 +217,11 @@ async def digest(ctx: PluginContext, request: Request) -> Reply:
                 title = section.title if len(channels) == 1 else f"{section.title} (#{channel})"
                 sections.append(Section(title, section.body))
     await ctx.update(DigestChannel, here, last_run=now)
-    title = f"Digest since {since:%Y-%m-%d %H:%M} UTC"
+    title = _("Digest since {since} UTC", since=format_datetime(since))
     if not sections:
         if config.when_empty == "skip":
             return Reply()
-        return Reply("Nothing new.", title=title)
+        return Reply(_("Nothing new."), title=title)
     text = "\n\n".join(f"**{s.title}**\n{s.body}" for s in sections)
     return Reply(text, title=title, image=mood_chart(ctx, messages) if messages else None)
 
@@ -199,9 +232,9 @@ async def mood_command(ctx: PluginContext, request: Request) -> Reply:
     since = datetime.now(UTC) - timedelta(hours=hours)
     rows = await ctx.memory.messages_since(here.transport, here.guild_id, [here.channel_id], since)
     messages = await people_said(ctx, rows)
-    title = f"Mood of the last {hours} hour(s)"
+    title = _("Mood of the last {hours} hour(s)", hours=hours)
     if not messages:
-        return Reply("No messages from people here in that time.", title=title)
+        return Reply(_("No messages from people here in that time."), title=title)
     return Reply(mood_section(ctx, here, messages).body, title=title, image=mood_chart(ctx, messages))
 
 
@@ -217,7 +250,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "digest",
-            "what happened here (or in the channels named) since the last digest",
+            N_("what happened here (or in the channels named) since the last digest"),
             digest,
             usage="[channel ...]",
         )
@@ -225,12 +258,12 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
             "mood",
-            "this channel's mood per day (positive / neutral / negative) and what needs attention",
+            N_("this channel's mood per day (positive / neutral / negative) and what needs attention"),
             mood_command,
             options=(
                 Option(
                     "hours",
-                    f"look back N hours (default {MOOD_DEFAULT_HOURS})",
+                    N_("look back N hours (default 24)"),
                     kind=int,
                     min=1,
                     max=MOOD_MAX_HOURS,

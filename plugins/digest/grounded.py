@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from bot.api import Place, content_words, message_link, quote
+from bot.api import Place, _, content_words, message_link, quote
 
 # A later message answers a question only within this many messages and this long after it.
 ANSWER_WINDOW = 30
@@ -176,5 +176,5 @@ def bullets(place: Place, messages: Iterable[Said], limit: int) -> str:
     items = list(messages)
     lines = [f"- {quoted(place, m)}" for m in items[-limit:]]
     if len(items) > limit:
-        lines.insert(0, f"({len(items) - limit} earlier not shown)")
+        lines.insert(0, _("({count} earlier not shown)", count=len(items) - limit))
     return "\n".join(lines)

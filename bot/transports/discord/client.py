@@ -11,6 +11,7 @@ from bot.api import QuillError
 from bot.transports.discord.base import TRANSPORT
 from bot.transports.discord.events import Events
 from bot.transports.discord.slash import SlashCommands
+from bot.transports.discord.translator import CatalogTranslator
 
 if TYPE_CHECKING:
     from bot.app import Quill
@@ -32,6 +33,7 @@ class QuillClient(Events, SlashCommands):
         self._add_core_commands()
 
     async def setup_hook(self) -> None:
+        await self.tree.set_translator(CatalogTranslator())
         if self.settings.discord_sync_commands:
             try:
                 synced = await self.tree.sync()

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import discord
 
-from bot.api import NO_ANSWER, Place, Reply
+from bot.api import NO_ANSWER, Place, Reply, _
 from bot.transports.discord.base import ClientBase, storing
 from bot.transports.splitting import DISCORD_MESSAGE_LIMIT, split_message
 
@@ -115,7 +115,7 @@ class Delivery(ClientBase):
         limit = EMBED_LIMIT if reply.title else DISCORD_MESSAGE_LIMIT
 
         async def show(text: str, destination: Destination) -> None:
-            for index, part in enumerate(split_message(text, limit) or [NO_ANSWER]):
+            for index, part in enumerate(split_message(text, limit) or [_(NO_ANSWER)]):
                 fields = self._fields(part, reply.title if index == 0 else None)
                 if index < len(posted):
                     if posted[index][1] != part:
@@ -159,9 +159,10 @@ class Delivery(ClientBase):
             await self.call_discord(lambda: send(file=discord.File(path)), "send a file")
         except (DeliveryFailed, OSError) as exc:
             log.warning("file %s not handed over: %s", path.name, exc)
-            text = (
-                f"I could not send you {path.name} privately (are direct messages from server members "
-                "allowed?). Ask an admin for the file, or allow direct messages and try again."
+            text = _(
+                "I could not send you {file} privately (are direct messages from server members "
+                "allowed?). Ask an admin for the file, or allow direct messages and try again.",
+                file=path.name,
             )
             await self._deliver(Reply(text, failed=True), fallback)
 

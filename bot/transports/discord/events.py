@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import discord
 
-from bot.api import Place, Reaction, Reply, Request
+from bot.api import Place, Reaction, Reply, Request, _, locale_scope
 from bot.router import clean_text
 from bot.transports.discord.admin import ADMIN_REFUSAL, Admin
 from bot.transports.discord.base import TRANSPORT, storing
@@ -144,6 +144,7 @@ class Events(Admin, Delivery):
             is_dm=message.guild is None,
             quoted=quoted_text(message),
             admin_hint=ADMIN_REFUSAL,
+            place_locale=str(message.guild.preferred_locale) if message.guild else "",
             reply_to=str(message.reference.message_id) if message.reference and message.reference.message_id else None,
         )
 
@@ -187,11 +188,13 @@ class Events(Admin, Delivery):
         request = await self._with_attached_text(message, request)
         if not request.text and not request.attachments and message.attachments:
             names = ", ".join(a.filename for a in message.attachments)
+            with locale_scope((await self.app.router.localized(request)).locale):
+                refusal = _(
+                    "I can only read the text of a message, not attachments ({names}). Please type your question.",
+                    names=names,
+                )
             await self._deliver(
-                Reply(
-                    f"I can only read the text of a message, not attachments ({names}). Please type your question.",
-                    failed=True,
-                ),
+                Reply(refusal, failed=True),
                 ChannelDestination(message.channel, message.to_reference(fail_if_not_exists=False)),
             )
             return

@@ -18,7 +18,7 @@ from typing import Any
 import discord
 from discord import app_commands
 
-from bot.api import Command, Option, Request
+from bot.api import Command, Option, Request, _, locale_scope
 from bot.transports.discord.admin import ADMIN_REFUSAL, Admin
 from bot.transports.discord.base import TRANSPORT
 from bot.transports.discord.delivery import Delivery, InteractionDestination
@@ -61,6 +61,8 @@ class SlashCommands(Admin, Delivery):
             command=command,
             options=options,
             admin_hint=ADMIN_REFUSAL,
+            locale=str(interaction.locale),
+            place_locale=str(interaction.guild_locale or ""),
         )
 
     async def run_slash_command(
@@ -70,7 +72,9 @@ class SlashCommands(Admin, Delivery):
         request = self.interaction_request(interaction, command.name, text, options)
         if command.admin and not request.is_admin:
             log.warning("refused admin command /%s for user %s", command.name, request.author_id)
-            await self._respond(interaction, f"/{command.name} is for admins. {ADMIN_REFUSAL}")
+            with locale_scope((await self.app.router.localized(request)).locale):
+                refusal = _("/{name} is for admins. {hint}", name=command.name, hint=_(ADMIN_REFUSAL))
+            await self._respond(interaction, refusal)
             return
         try:  # a private command (/forget) answers, and refuses, only the one who asked
             await interaction.response.defer(thinking=True, ephemeral=command.private)
@@ -89,14 +93,14 @@ def slash_command(command: Command, run: Run) -> app_commands.Command[Any, ..., 
     options = sorted(command.options, key=lambda o: not o.required)  # Discord wants required first
     takes_text = bool(command.usage) and all(o.name != TEXT_OPTION for o in options)
     params = [inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)]
-    descriptions: dict[str, str] = {}
+    descriptions: dict[str, str | app_commands.locale_str] = {}
     if takes_text:
         params.append(_parameter(TEXT_OPTION, str, required=command.usage.startswith("<")))
         descriptions[TEXT_OPTION] = short(command.usage.strip("<>[]"))
     completers, choices = {}, {}
     for option in options:
         params.append(_parameter(option.name, _annotation(option), required=option.required))
-        descriptions[option.name] = short(option.description)
+        descriptions[option.name] = described(option.description)
         if option.closed:
             choices[option.name] = [app_commands.Choice(name=c, value=c) for c in option.choices]
         elif option.choices:
@@ -113,10 +117,15 @@ def slash_command(command: Command, run: Run) -> app_commands.Command[Any, ..., 
         app_commands.autocomplete(**completers)(callback)
     if choices:
         app_commands.choices(**choices)(callback)
-    slash = app_commands.Command(name=command.name, description=short(command.help), callback=callback)
+    slash = app_commands.Command(name=command.name, description=described(command.help), callback=callback)
     if command.admin:
         slash.default_permissions = discord.Permissions(manage_guild=True)
     return slash
+
+
+def described(text: str) -> app_commands.locale_str:
+    """A description for Discord that its translator (translator.py) finds by the whole text."""
+    return app_commands.locale_str(short(text), msgid=text)
 
 
 def short(text: str) -> str:

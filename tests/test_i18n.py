@@ -1,0 +1,260 @@
+"""quill's own texts in Chinese and English: the catalogs are complete, every user-facing string
+is marked, and each request is answered in the language it resolves to."""
+
+from __future__ import annotations
+
+import ast
+import re
+import string
+import textwrap
+import types
+from pathlib import Path
+
+import pluggy
+import pytest
+from babel.messages.extract import extract_from_dir
+from babel.messages.pofile import read_po
+
+from bot import i18n, plugins
+from bot.api import Request
+from bot.app import Quill
+from bot.config import REPO_ROOT
+from bot.i18n import KEYWORDS, LOCALE_DIR, _, gettext_in, locale_scope, resolve
+from plugins.qa import NOTHING_FOUND
+
+CATALOGS = {locale: LOCALE_DIR / locale.replace("-", "_") / "LC_MESSAGES" / "quill.po" for locale in ("zh-CN", "zh-TW")}
+CJK = re.compile(r"[\u4e00-\u9fff]")
+# Where a string reaches a user: the call, the positions and the keywords of its text.
+SINKS = {
+    "Reply": ({0}, {"text", "title"}),
+    "Command": ({1}, {"help"}),
+    "Option": ({1}, {"description"}),
+    "Section": ({0}, {"title"}),
+}
+WORDS = re.compile(r"[A-Za-z]{2,}")
+
+
+def marked_strings() -> list[tuple[str, str | tuple[str, str]]]:
+    """(where, msgid) for every string marked in bot/ and plugins/, as Babel extracts them."""
+    found = []
+    for folder in ("bot", "plugins"):
+        for filename, lineno, message, _comments, _context in extract_from_dir(
+            REPO_ROOT / folder, [("**.py", "python")], keywords=KEYWORDS
+        ):
+            found.append((f"{folder}/{filename}:{lineno}", message))
+    return found
+
+
+def placeholders(text: str) -> set[str]:
+    return {name for _lit, name, _spec, _conv in string.Formatter().parse(text) if name}
+
+
+@pytest.mark.parametrize("locale", sorted(CATALOGS))
+def test_every_marked_string_has_a_chinese_translation_with_the_same_placeholders(locale: str) -> None:
+    with CATALOGS[locale].open("rb") as handle:
+        catalog = read_po(handle)
+    marked = marked_strings()
+    assert len(marked) > 150  # the extraction ran over the real tree
+    problems = []
+    for where, message in marked:
+        key = message[0] if isinstance(message, tuple) else message
+        entry = catalog.get(key)
+        forms = entry.string if entry is not None else None
+        forms = (forms,) if isinstance(forms, str) else forms
+        if not forms or not all(forms):
+            problems.append(f"{where}: no {locale} text for {key!r}")
+            continue
+        wanted = placeholders(key)
+        if any(placeholders(form) != wanted for form in forms):
+            problems.append(f"{where}: {locale} placeholders differ for {key!r}")
+    assert problems == []
+
+
+def unmarked(node: ast.AST) -> bool:
+    """A literal with words that went to a sink without `_()`, `N_()`, `ngettext()` or `Text()`."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return bool(WORDS.search(node.value))
+    if isinstance(node, ast.JoinedStr):
+        return any(unmarked(part) for part in node.values if isinstance(part, ast.Constant))
+    if isinstance(node, ast.BinOp):
+        return unmarked(node.left) or unmarked(node.right)
+    if isinstance(node, ast.IfExp):
+        return unmarked(node.body) or unmarked(node.orelse)
+    return False
+
+
+def unmarked_sinks(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in SINKS:
+            positions, keywords = SINKS[node.func.id]
+            args = [a for i, a in enumerate(node.args) if i in positions]
+            args += [k.value for k in node.keywords if k.arg in keywords]
+            found += [f"{a.lineno}: {ast.unparse(a)}" for a in args if unmarked(a)]
+    return found
+
+
+def test_every_user_facing_string_in_bot_and_plugins_is_marked() -> None:
+    problems = []
+    for folder in ("bot", "plugins"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            problems += [f"{path.relative_to(REPO_ROOT)}:{p}" for p in unmarked_sinks(path.read_text())]
+    assert problems == []
+
+
+def test_the_check_catches_unmarked_replies_and_passes_marked_ones() -> None:
+    source = textwrap.dedent(
+        """
+        Reply("Nothing found.")
+        Reply(f"Removed {name}.", failed=True)
+        Reply(text, title="Summary")
+        Command("x", "do a thing", handler)
+        Reply(_("Nothing found."))
+        Reply(f"{a} → {b}")
+        Command("y", N_("do another thing"), handler)
+        """
+    )
+    assert [line.split(":")[0] for line in unmarked_sinks(source)] == ["2", "3", "4", "5"]
+
+
+def test_the_locale_is_the_admins_choice_then_the_users_then_the_messages_then_the_places() -> None:
+    assert resolve(chosen="zh-CN", user="en-US", text="hello there friends", place="en-US") == "zh-CN"
+    assert resolve(chosen="", user="zh-CN", text="how do I deploy this", place="en-US") == "zh-CN"
+    assert resolve(chosen="", user="en-GB", text="怎么部署？", place="zh-CN") == "en"
+    assert resolve(chosen="", user="", text="怎么部署到测试环境？", place="en-US") == "zh-CN"
+    assert resolve(chosen="", user="", text="how do I deploy to staging?", place="zh-CN") == "en"
+    assert resolve(chosen="", user="", text="ok", place="zh-CN") == "zh-CN"  # too short to tell
+    assert resolve(chosen="", user="fr", text="bonjour à tous", place="") == "en"  # no French texts
+    assert resolve(chosen="", user="", text="これは日本語です", place="") == "en"  # kana: not Chinese
+    assert resolve(chosen="", user="zh-TW", text="", place="") == "zh-TW"
+    assert resolve(chosen="", user="zh-Hant", text="", place="") == "zh-TW"
+    assert (
+        resolve(chosen="", user="", text="怎麼部署到測試環境？", place="zh-HK") == "zh-CN"
+    )  # script alone: Simplified
+
+
+def test_numbers_and_plurals_follow_the_locale() -> None:
+    assert i18n.ngettext("{count} passage", "{count} passages", 1) == "1 passage"
+    assert i18n.ngettext("{count} passage", "{count} passages", 12_000) == "12,000 passages"
+    with locale_scope("zh-CN"):
+        assert i18n.ngettext("{count} passage", "{count} passages", 3) == "3 个段落"
+    assert i18n.current_locale() == "en"  # the scope ends with its block
+
+
+def test_a_plugin_ships_its_own_catalog_beside_its_module(tmp_path: Path) -> None:
+    folder = tmp_path / "locale" / "zh_CN" / "LC_MESSAGES"
+    folder.mkdir(parents=True)
+    (folder / "greeter.po").write_text(
+        'msgid ""\nmsgstr ""\n"Content-Type: text/plain; charset=utf-8\\n"\n\n'
+        'msgid "Hello, {name}!"\nmsgstr "你好，{name}！"\n',
+        encoding="utf-8",
+    )
+    module = types.ModuleType("greeter")
+    module.__file__ = str(tmp_path / "greeter.py")
+    pm = pluggy.PluginManager("quill")
+    try:
+        plugins._register(pm, "greeter", lambda: module)
+        with locale_scope("zh-CN"):
+            assert _("Hello, {name}!", name="Ada") == "你好，Ada！"
+            assert _("Nothing new.") == "没有新内容。"  # quill's own catalog still serves
+        assert _("Hello, {name}!", name="Ada") == "Hello, Ada!"
+    finally:
+        i18n._folders.remove(tmp_path / "locale")
+        i18n.translations.cache_clear()
+        i18n.available.cache_clear()
+
+
+def request(text: str, **fields: object) -> Request:
+    values: dict[str, object] = {
+        "transport": "discord",
+        "guild_id": "g1",
+        "channel_id": "help",
+        "author_id": "u1",
+        "author_name": "Bea",
+        "text": text,
+        "place_locale": "en-US",
+    }
+    values.update(fields)
+    return Request(**values)  # type: ignore[arg-type]
+
+
+async def test_a_chinese_ask_with_no_hit_gets_the_chinese_nothing_found_and_english_stays_english(
+    app: Quill,
+) -> None:
+    chinese = await app.router.handle(request("/ask 午饭时间是几点？"))
+    assert chinese.text == gettext_in("zh-CN", NOTHING_FOUND) and CJK.search(chinese.text)
+    english = await app.router.handle(request("/ask how long is the lunch break?"))
+    assert english.text == NOTHING_FOUND
+    usage = await app.router.handle(request("/ask", locale="zh-CN"))
+    assert usage.failed and usage.text.startswith("用法：/ask")
+
+
+async def test_refusals_and_usage_come_in_the_users_language(app: Quill) -> None:
+    refused = await app.router.handle(request("/summarize hours:99999999999", locale="zh-CN"))
+    assert refused.failed
+    assert refused.text.startswith("/summarize：hours 需要1 到 8,760 之间的整数") and "用法：/summarize" in refused.text
+    english = await app.router.handle(request("/summarize hours:99999999999", locale="en-US"))
+    assert english.text.startswith("/summarize: hours takes a whole number from 1 to 8,760")
+    unknown = await app.router.handle(request("/nosuch 你好"))
+    assert unknown.text == "没有 /nosuch 这个命令。输入 /help 查看命令列表。"
+    admin_only = await app.router.handle(request("/kb-remove 手册", admin_hint="管理员看 QUILL_ADMIN_IDS。"))
+    assert admin_only.failed and admin_only.text.startswith("/kb-remove 仅限管理员使用。")
+
+
+async def test_help_in_zh_cn_lists_every_command_with_a_chinese_description(app: Quill) -> None:
+    text = (await app.router.handle(request("/help", locale="zh-CN", is_admin=True))).text
+    assert text.startswith("命令：")
+    lines = text.splitlines()
+    for command in app.router.commands.values():
+        [line] = [x for x in lines if x.startswith(f"  /{command.name} ")]
+        description = gettext_in("zh-CN", command.help)
+        assert description != command.help and CJK.search(description), command.name
+        assert line.endswith(description + "  （管理员）" if command.admin else description)
+    english = (await app.router.handle(request("/help", locale="en-US"))).text
+    assert english.startswith("Commands:") and not CJK.search(english)
+
+
+async def test_an_admins_language_for_a_channel_comes_before_everything_else(app: Quill) -> None:
+    assert (await app.router.handle(request("/language zh-CN", is_admin=True))).text == (
+        "现在，quill 在此频道中使用 zh-CN 回答。"
+    )
+    nothing = await app.router.handle(request("/ask how long is the lunch break?", locale="en-US"))
+    assert nothing.text == gettext_in("zh-CN", NOTHING_FOUND)
+    elsewhere = await app.router.handle(request("/ask how long is the lunch break?", channel_id="other"))
+    assert elsewhere.text == NOTHING_FOUND
+    refused = await app.router.handle(request("/language klingon", is_admin=True))
+    assert refused.failed and "klingon" in refused.text
+    back = await app.router.handle(request("/language auto", is_admin=True))
+    assert back.text == "现在，quill 在这里用每个人自己的语言回答。"  # said in the language it was asked in
+    assert (await app.router.handle(request("/ask how long is the lunch break?"))).text == NOTHING_FOUND
+
+
+@pytest.mark.parametrize(
+    ("locale", "first", "apology"),
+    [("zh-CN", "没有新内容。", "抱歉，/stream 出错了"), ("en", "Nothing new.", "Sorry, /stream failed")],
+)
+async def test_a_streamed_reply_and_its_failure_are_in_the_requests_language(
+    app: Quill, locale: str, first: str, apology: str
+) -> None:
+    """The stream runs after the handler returned: its pieces still see the request's locale."""
+    from bot.api import Command, Reply, hookimpl
+    from bot.router import Router
+
+    async def pieces():
+        yield _("Nothing new.")
+        raise RuntimeError("boom")
+
+    class Streamer:
+        @hookimpl
+        def register_commands(self, register):
+            register(Command("stream", "stream", lambda ctx, req: _reply(Reply(stream=pieces()))))
+
+    async def _reply(reply: Reply) -> Reply:
+        return reply
+
+    app.plugins.register(Streamer(), "streamer")
+    router = Router(app.context)
+    reply = await router.handle(request("/stream", locale=locale))
+    assert reply.stream is not None
+    text = "".join([p async for p in reply.stream])
+    assert text.startswith(first) and apology in text and reply.failed
