@@ -308,6 +308,9 @@ async def test_a_past_question_is_no_source(app: Quill) -> None:
     await store_message(app, "random", "怎么申请新的VPN密钥？", "782")
     await store_message(app, "random", "The VPN key rotates every ninety days; the IT desk issues new ones.", "783")
     await store_message(app, "random", "新的VPN密钥每九十天更换一次，向IT服务台申请。", "784")
-    for question, answer in (("How do I get a new VPN key?", "783"), ("怎么申请新的VPN密钥？", "784")):
-        sources = (await say(app, f"/ask {question}")).partition("\n\nSources:\n")[2]
+    for question, answer, heading in (
+        ("How do I get a new VPN key?", "783", "Sources:"),
+        ("怎么申请新的VPN密钥？", "784", "来源："),
+    ):
+        sources = (await say(app, f"/ask {question}")).partition(f"\n\n{heading}\n")[2]
         assert answer in sources and "781" not in sources and "782" not in sources, sources
