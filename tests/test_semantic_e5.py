@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from bot.api import has_cjk
 from bot.app import Quill
 from bot.config import Settings
 from bot.embedder import E5_MIN_SIMILARITY, E5Embedder, Embedder, local_embedder
 from bot.engine.local import LocalEngine
+from bot.i18n import gettext_in
 from bot.memory import Memory
 from bot.search import Search, Semantic, fuse
 from plugins.qa import NOTHING_FOUND
@@ -95,6 +97,11 @@ def test_a_cosine_counts_as_the_floor_at_min_similarity_and_fusion_needs_agreeme
     assert fuse(0.0, 0.5) == 0.5 and fuse(0.9, 0.5) == pytest.approx(0.7)
 
 
+def nothing_found(question: str) -> str:
+    """The "nothing found" answer in the question's language (quill answers in it)."""
+    return gettext_in("zh-CN", NOTHING_FOUND) if has_cjk(question) else NOTHING_FOUND
+
+
 async def test_paraphrases_in_both_languages_are_found_only_with_embeddings(app: Quill, e5_app: Quill) -> None:
     """`app` and `e5_app` share one database; only the second embeds."""
     await say(e5_app, f"/kb-add name:faq {FAQ_EN}")
@@ -102,11 +109,11 @@ async def test_paraphrases_in_both_languages_are_found_only_with_embeddings(app:
     await until(lambda: all_embedded(e5_app, "e5-small-q4.bin"), "the passages' E5 vectors")
     floor = e5_app.settings.qa_min_relevance
     for question, heading in PARAPHRASES.items():
-        assert await say(app, f"/ask {question}") == NOTHING_FOUND, question  # lexical: no shared term
+        assert await say(app, f"/ask {question}") == nothing_found(question), question  # lexical: no shared term
         hits = await e5_app.context.search.search(question, *PLACE, 4, min_relevance=floor)
         assert hits and hits[0].heading == heading, (question, hits[:1])
     for question in OFF_TOPIC:
-        assert await say(e5_app, f"/ask {question}") == NOTHING_FOUND, question
+        assert await say(e5_app, f"/ask {question}") == nothing_found(question), question
     conv = await e5_app.memory.conversation("discord", "g1", "help")
     assert await e5_app.memory.history(conv.id, 10_000) == []  # the model was never asked
 
