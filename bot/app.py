@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from bot.api import PluginContext
 from bot.config import Settings
@@ -73,11 +71,7 @@ class Quill:
         if semantic is not None:  # new rows, and all of them after a change of embedder
             quill._embedding = asyncio.create_task(quill.context.search.keep_embedded(), name="quill-embedding")
         quill.scheduler.open()  # paused: jobs can be managed; transports call run_jobs()
-
-        def job(name: str, when: str, run: Callable[[], Awaitable[Any]]) -> None:
-            quill.scheduler.add_maintenance(name, when, run)
-
-        quill.hooks.collect("register_jobs", register=job)
+        quill.hooks.collect("register_jobs", register=quill.scheduler.add_maintenance)
         for result in await quill.hooks.call("startup"):
             if result.failed:
                 log.error("plugin %s did not start; its features may not work", result.plugin)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -63,6 +64,12 @@ async def deadline(seconds: float) -> AsyncIterator[None]:
             RENEW_DEADLINE.reset(token)
 
 
+@functools.cache
+def _parameters(function: Callable[..., Any]) -> frozenset[str]:
+    """The argument names a hook implementation takes, read once: `on_message` runs per message."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 class Hooks:
     """Calls hooks plugin by plugin. `context` is passed to every implementation that takes it."""
 
@@ -76,7 +83,7 @@ class Hooks:
         return [(plugin_label(impl.plugin_name), impl.function) for impl in getattr(self.pm.hook, name).get_hookimpls()]
 
     def _arguments(self, function: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        wanted = inspect.signature(function).parameters
+        wanted = _parameters(function)
         given = {"context": self.context, **kwargs}
         return {name: value for name, value in given.items() if name in wanted}
 

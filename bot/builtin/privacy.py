@@ -57,13 +57,9 @@ class PrivacyGuild(GuildSettings):
     )
 
 
-def _failures(results: list[HookResult]) -> str:
-    failed = sorted({r.plugin for r in results if r.failed})
-    if not failed:
-        return ""
-    return " " + _(
-        "Not erased: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=", ".join(failed)
-    )
+def _failed(results: list[HookResult]) -> str:
+    """The plugins whose hook failed, for the reply ("" when none did)."""
+    return ", ".join(sorted({r.plugin for r in results if r.failed}))
 
 
 async def forget(ctx: PluginContext, request: Request) -> Reply:
@@ -97,7 +93,9 @@ async def _forget_user(ctx: PluginContext, user_id: str, who: str) -> Reply:
     if erased := sum(int(r.value) for r in results if not r.failed and r.value):
         counts["plugin data"] = erased
     log.info("forgot user %s: %s", user_id, counts or "nothing stored")
-    failures = _failures(results)
+    failed = _failed(results)
+    not_erased = _("Not erased: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=failed)
+    failures = f" {not_erased}" if failed else ""
     if not counts:
         return Reply(_("Nothing is stored about {who}.", who=who) + failures, failed=bool(failures))
     listed = ", ".join(_("{count} from {table}", count=n, table=table) for table, n in sorted(counts.items()))
@@ -121,15 +119,10 @@ async def export(ctx: PluginContext, request: Request) -> Reply:
     document = {"user_id": request.author_id, "exported_at": utcnow().isoformat(), "tables": data, "plugins": plugins}
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     rows = sum(len(v) for v in data.values())
-    failures = sorted({r.plugin for r in results if r.failed})
-    missing = ""
-    if failures:
-        missing = " " + _(
-            "Missing: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=", ".join(failures)
-        )
-    return Reply(
-        _("Your data: {rows} rows, in {path}", rows=rows, path=path) + missing, file=path, failed=bool(failures)
-    )
+    failed = _failed(results)
+    absent = _("Missing: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=failed)
+    missing = f" {absent}" if failed else ""
+    return Reply(_("Your data: {rows} rows, in {path}", rows=rows, path=path) + missing, file=path, failed=bool(failed))
 
 
 async def retention(ctx: PluginContext, request: Request) -> Reply:
