@@ -5,8 +5,9 @@ Plugins import from here and from nothing else in `bot/`, so the core can change
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,9 +40,10 @@ from bot.i18n import (
 from bot.i18n import available as available_locales
 from bot.i18n import normalize as normalize_locale
 from bot.memory import Memory, off_loop
+from bot.metrics import ReplyMetrics
 from bot.plugin_config import ChannelSettings, GuildSettings, PluginSettings, SettingError, SettingsRegistry
 from bot.prompts import PromptLoader
-from bot.search import Hit, Search, Semantic
+from bot.search import Hit, Search, Semantic, relevant
 from bot.text import HAS_CJK, content_words
 from bot.types import (
     Command,
@@ -56,6 +58,8 @@ from bot.types import (
     Section,
     Text,
 )
+from bot.web.charts import Series, line_chart
+from bot.web.pages import Download, Page, Redirect, Upload, WebPage, WebRequest
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
@@ -66,6 +70,7 @@ __all__ = [
     "ChatMessage",
     "Command",
     "ContextOverflow",
+    "Download",
     "EngineError",
     "GenerationOptions",
     "GuildSettings",
@@ -76,16 +81,22 @@ __all__ = [
     "LanguageChannel",
     "Option",
     "OptionError",
+    "Page",
     "Place",
     "PluginContext",
     "PluginSettings",
     "QuillError",
     "Reaction",
+    "Redirect",
     "Reply",
     "Request",
     "Section",
+    "Series",
     "SettingError",
     "Text",
+    "Upload",
+    "WebPage",
+    "WebRequest",
     "_",
     "available_locales",
     "content_words",
@@ -97,12 +108,14 @@ __all__ = [
     "has_cjk",
     "hookimpl",
     "language_label",
+    "line_chart",
     "locale_scope",
     "message_link",
     "ngettext",
     "normalize_locale",
     "off_loop",
     "quote",
+    "relevant",
 ]
 
 S = TypeVar("S", bound=BaseModel)
@@ -152,6 +165,8 @@ class PluginContext:
     scheduler: Scheduler | None = None
     # The embedder and its fusion settings where QUILL_EMBEDDINGS is on (bot/embedder.py).
     semantic: Semantic | None = None
+    # Replies in flight and their timings over the last hour (the admin panel's overview).
+    metrics: ReplyMetrics = field(default_factory=ReplyMetrics)
 
     def config(self, model: type[S]) -> S:
         """A plugin's global settings (`PluginSettings`), as read from the environment at start."""
@@ -218,6 +233,7 @@ class PluginContext:
         the system prompt always kept; the reply is stored only once it has finished.
         """
         options = options or self.options()
+        started = time.monotonic()
         conv = await self.memory.conversation(*request.place)
         assert conv.id is not None
         user_tokens = await self.engine.count_tokens(request.text)
@@ -247,7 +263,8 @@ class PluginContext:
         messages = [ChatMessage("system", system_prompt)]
         messages += [ChatMessage(m.role, m.content) for m in history]
         reply = Reply()
-        reply.stream = self._remember(conv.id, self.engine.stream(messages, options), reply)
+        pieces = self.metrics.measure(self.engine.stream(messages, options), started)
+        reply.stream = self._remember(conv.id, pieces, reply)
         return reply
 
     async def _remember(self, conversation_id: int, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:

@@ -21,6 +21,7 @@ from bot.search import Search
 from bot.transports.console import ConsoleTransport
 from bot.transports.discord import run_discord
 from bot.types import QuillError
+from bot.web.server import OfflineEngine, serving
 
 app = typer.Typer(help="quill: a self-hosted chat and writing assistant on a local model.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema upkeep.")
@@ -63,7 +64,7 @@ class SecretFilter(logging.Filter):
 
 def secrets_in(settings: Settings) -> list[str]:
     """The settings' secrets that must never reach a log."""
-    values = (settings.discord_token, settings.openai_api_key)
+    values = (settings.discord_token, settings.openai_api_key, settings.discord_client_secret)
     return [value.get_secret_value().strip() for value in values if value is not None]
 
 
@@ -110,7 +111,8 @@ def run_app(job: Callable[[Quill], Awaitable[T]], *, interactive: bool = True, v
     async def main() -> T:
         quill = await Quill.start(settings)
         try:
-            return await job(quill)
+            async with serving(quill):  # the admin panel, when QUILL_WEB_PORT is set
+                return await job(quill)
         finally:
             await quill.close()
 
@@ -154,6 +156,33 @@ def ask(
     reply = run_app(lambda quill: ConsoleTransport(quill, channel=channel).ask(text), verbose=verbose)
     if reply.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def web(
+    port: Annotated[int | None, typer.Option(help="Port (default QUILL_WEB_PORT, else 8765).")] = None,
+) -> None:
+    """Serve the admin panel alone over the database, without the model (documents, settings,
+    schedules while the bot is down); it prints a one-time log-in link."""
+    settings = load_settings()
+    setup_logging(settings, interactive=False)
+    chosen = port or settings.web_port or 8765
+
+    async def main() -> None:
+        quill = await Quill.start(settings, engine=OfflineEngine(settings))  # type: ignore[arg-type]
+        try:
+            async with serving(quill, live=False, port=chosen):
+                await asyncio.Event().wait()  # until Ctrl-C
+        finally:
+            await quill.close()
+
+    try:
+        asyncio.run(main())
+    except QuillError as exc:
+        typer.secho(f"quill: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 def open_memory(settings: Settings) -> Memory:

@@ -78,6 +78,20 @@ class Settings(BaseSettings):
     discord_sync_commands: bool = True
     # Minutes of inactivity before a help thread is archived (Discord allows these four values).
     discord_thread_archive_minutes: Literal[60, 1440, 4320, 10080] = 1440
+    # --- Admin web panel (bot/web/) ---
+    # Serve the panel from `quill run` / `quill chat` on this port (unset: off); `quill web` too.
+    web_port: int | None = Field(default=None, ge=1, le=65535)
+    # The address it binds: loopback unless you put it behind a reverse proxy on purpose.
+    web_host: str = "127.0.0.1"
+    # The address people open (behind a proxy, https://...): log-in links and the Discord
+    # redirect are built on it, and an https address makes the session cookie Secure.
+    web_url: str = ""
+    # Minutes a one-time log-in link works; hours a log-in session lasts.
+    web_token_minutes: int = Field(default=15, ge=1, le=1440)
+    web_session_hours: int = Field(default=12, ge=1, le=720)
+    # "Log in with Discord" (OAuth2, scopes identify and guilds): the application's id and secret.
+    discord_client_id: str = ""
+    discord_client_secret: SecretStr | None = None
     # --- Engine backend: in-process llama.cpp, or an OpenAI-compatible server ---
     engine_backend: Literal["local", "openai"] = "local"
     # The server's OpenAI API root, as OpenAI clients take it (with /v1); its non-OpenAI

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from pydantic import BaseModel
 
-    from bot.api import Command, Place, PluginContext, Reaction, Reply, Request, Section
+    from bot.api import Command, Place, PluginContext, Reaction, Reply, Request, Section, WebPage
 
 hookspec = pluggy.HookspecMarker("quill")
 hookimpl = pluggy.HookimplMarker("quill")
@@ -76,3 +76,9 @@ def forget_user(context: PluginContext, user_id: str) -> Awaitable[int] | int | 
 def export_user(context: PluginContext, user_id: str) -> Awaitable[dict[str, Any] | None] | dict[str, Any] | None:
     """What this plugin keeps about `user_id` outside quill's tables, as JSON-ready data for
     `/export me` (None: nothing)."""
+
+
+@hookspec
+def register_web_pages(register: Callable[[WebPage], None]) -> None:
+    """Add pages to the admin panel (bot/web/pages.py): the knowledge base, schedules, ... Each
+    is shown under every server an admin may manage, and gets that server in its request."""

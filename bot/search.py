@@ -145,6 +145,10 @@ class Hit:
     created_at: datetime | None = None
     doc_id: int = 0  # a passage's document and place in it: its neighbours (`Search.neighbours`)
     position: int = 0
+    # The two sides `score` was fused from (the panel's search tester shows them): the lexical
+    # relevance, and the weighted semantic one where the question was embedded (else None).
+    lexical: float = 0.0
+    semantic: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ class _Scored:
     row: Any
     rank: float
     relevance: float
+    lexical: float = 0.0
+    semantic: float | None = None
 
 
 def _idf(df: int, n: int) -> float:
@@ -174,7 +180,8 @@ def _score(q_terms: Sequence[str], rows: Sequence[Any], df: dict[str, int], n: i
             for t in q_terms
             if t in bag
         )
-        scored.append(_Scored(row, rank, sum(idf[t] for t in q_terms if t in bag) / total))
+        relevance = sum(idf[t] for t in q_terms if t in bag) / total
+        scored.append(_Scored(row, rank, relevance, lexical=relevance))
     scored.sort(key=lambda s: (-s.rank, s.row.id))
     return scored
 
@@ -319,6 +326,36 @@ class Search:
             session.commit()
         return True
 
+    @off_loop
+    def passages(self, transport: str, guild_id: str, channel_id: str, name: str) -> list[Passage] | None:
+        """A document's passages in order (None when the place has no document by that name)."""
+        with Session(self.engine) as session:
+            doc = session.exec(_doc_query(transport, guild_id, _doc_scope(guild_id, channel_id), name)).first()
+            if doc is None:
+                return None
+            rows = session.exec(
+                select(KnowledgeChunk).where(KnowledgeChunk.doc_id == doc.id).order_by(col(KnowledgeChunk.position))
+            )
+            return [Passage(row.content, row.heading) for row in rows]
+
+    async def reindex(self, transport: str, guild_id: str, channel_id: str, name: str) -> int | None:
+        """Cut a document into passages again and index them anew (after a change of the
+        splitting or of the search terms; new passages are embedded again by the background
+        indexer); its text is its passages joined. Returns the passage count, None if absent."""
+        found = await self.passages(transport, guild_id, channel_id, name)
+        if found is None:
+            return None
+        body = "\n\n".join(p.text for p in found)
+        added_by, source = await self._origin(transport, guild_id, channel_id, name)
+        return await self.add_document(transport, guild_id, channel_id, name, body, added_by=added_by, source=source)
+
+    @off_loop
+    def _origin(self, transport: str, guild_id: str, channel_id: str, name: str) -> tuple[str, str]:
+        """(who added it, the file it came from) of a document."""
+        with Session(self.engine) as session:
+            doc = session.exec(_doc_query(transport, guild_id, _doc_scope(guild_id, channel_id), name)).one()
+            return doc.added_by, doc.source
+
     # -- search ----------------------------------------------------------------------------
 
     @off_loop
@@ -380,6 +417,8 @@ class Search:
                 heading=s.row.heading,
                 doc_id=s.row.doc_id,
                 position=s.row.position,
+                lexical=s.lexical,
+                semantic=s.semantic,
             )
             for s in docs
         ]
@@ -392,6 +431,8 @@ class Search:
                 author=s.row.author_name or s.row.author_id,
                 channel_id=s.row.channel_id,
                 created_at=s.row.created_at,
+                lexical=s.lexical,
+                semantic=s.semantic,
             )
             for s in messages
         ]
@@ -468,10 +509,14 @@ class Search:
             return scored
         semantic = self.semantic
         assert semantic is not None
-        fused = [
-            _Scored(s.row, s.rank, s.relevance if c is None else fuse(s.relevance, semantic.relevance(c, lang)))
-            for s, c in ((s, cos.get(s.row.id)) for s in scored)
-        ]
+        fused = []
+        for s in scored:
+            cosine = cos.get(s.row.id)
+            if cosine is None:
+                fused.append(s)
+                continue
+            meaning = semantic.relevance(cosine, lang)
+            fused.append(_Scored(s.row, s.rank, fuse(s.relevance, meaning), lexical=s.relevance, semantic=meaning))
         fused.sort(key=lambda s: (-s.relevance, -s.rank, s.row.id))
         return fused
 

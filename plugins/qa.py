@@ -12,7 +12,8 @@ it, not stored.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 
 from pydantic import Field
 
@@ -21,16 +22,21 @@ from bot.api import (
     Command,
     Hit,
     Option,
+    Page,
     Place,
     PluginContext,
     PluginSettings,
+    Redirect,
     Reply,
     Request,
     Section,
+    WebPage,
+    WebRequest,
     _,
     hookimpl,
     message_link,
     ngettext,
+    relevant,
 )
 
 NAME_CHARS = 100
@@ -39,6 +45,9 @@ NOTHING_FOUND = N_(
     "An admin can add documents with /kb-add name:<name> <text>."
 )
 ADD_USAGE = "/kb-add name:<name> <text>"
+TEMPLATES = Path(__file__).parent / "templates" / "qa"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TESTER_HITS = 20
 
 
 class QaSettings(PluginSettings):
@@ -232,3 +241,55 @@ def register_commands(register: Callable[[Command], None]) -> None:
     )
     register(Command("kb-list", N_("list the knowledge base's documents"), kb_list))
     register(Command("kb-remove", N_("remove a document from the knowledge base"), kb_remove, "<name>", admin=True))
+
+
+# -- admin panel pages ----------------------------------------------------------------------
+
+
+async def kb_page(ctx: PluginContext, request: WebRequest) -> Page | Redirect:
+    """The knowledge base of a server: upload several files at once, list, view, delete, re-index."""
+    place = request.place
+    if request.method == "POST":
+        action, name = request.form.get("action", ""), request.form.get("name", "")
+        if action == "upload":
+            lines = []
+            for upload in request.files:
+                doc = upload.name[:NAME_CHARS]
+                count = await ctx.search.add_document(*place, doc, upload.text, added_by=request.user)
+                lines.append(f"“{doc}” ({_passages(count)})")
+            lines += [_("{file}: not added, {reason}", file=file, reason=reason) for file, reason in request.refused]
+            if not lines:
+                return Redirect(request.url(), _("Choose one or more text files first."), error=True)
+            return Redirect(request.url(), _("Knowledge base:") + " " + "; ".join(lines), error=bool(request.refused))
+        if action == "delete" and await ctx.search.remove_document(*place, name):
+            return Redirect(request.url(), _("Removed “{name}” from the knowledge base.", name=name))
+        if action == "reindex" and (count := await ctx.search.reindex(*place, name)) is not None:
+            return Redirect(request.url(), _("Re-indexed “{name}” ({passages}).", name=name, passages=_passages(count)))
+        return Redirect(request.url(), _("There is no document named “{name}”.", name=name), error=True)
+    if doc := request.query.get("doc"):
+        passages = await ctx.search.passages(*place, doc)
+        if passages is None:
+            return Redirect(request.url(), _("There is no document named “{name}”.", name=doc), error=True)
+        return Page("document.html", {"name": doc, "passages": passages})
+    docs = await ctx.search.documents_since(*place, EPOCH)
+    limit = ctx.settings.max_document_chars
+    return Page("kb.html", {"docs": docs, "limit": limit})
+
+
+async def search_page(ctx: PluginContext, request: WebRequest) -> Page:
+    """The search tester: the ranked passages and messages for a question, with their lexical,
+    semantic and fused scores and whether they pass QUILL_QA_MIN_RELEVANCE, as /ask would see them."""
+    question = request.query.get("q", "").strip()[: ctx.settings.max_input_chars]
+    floor = ctx.settings.qa_min_relevance
+    hits = await ctx.search.search(question, *request.place, TESTER_HITS) if question else []
+    kept = {id(h) for h in relevant(hits, floor)}
+    rows = [(h, id(h) in kept) for h in hits]
+    return Page(
+        "search.html", {"question": question, "rows": rows, "floor": floor, "semantic": ctx.semantic is not None}
+    )
+
+
+@hookimpl
+def register_web_pages(register: Callable[[WebPage], None]) -> None:
+    register(WebPage("kb", N_("Knowledge base"), kb_page, TEMPLATES, post=True))
+    register(WebPage("search", N_("Search tester"), search_page, TEMPLATES))
