@@ -24,7 +24,7 @@ import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -276,6 +276,20 @@ class Scheduler:
             raise TypeError(f"maintenance job {job_id} needs a coroutine function")
         trigger = parse_when(when, self.settings.scheduler_timezone)
         self.aps.add_job(work, trigger, id=job_id, name=job_id, jobstore=MAINTENANCE, replace_existing=True)
+
+    def preview(self, when: str, count: int = 5) -> list[datetime]:
+        """The next `count` run times of a schedule (ScheduleError if it cannot be understood),
+        for a form to show before the job is added."""
+        trigger = parse_when(when, self.settings.scheduler_timezone)
+        times: list[datetime] = []
+        moment = datetime.now(trigger.timezone)
+        while len(times) < count:
+            following = trigger.get_next_fire_time(times[-1] if times else None, moment)
+            if following is None:
+                break
+            times.append(following)
+            moment = following + timedelta(seconds=1)
+        return times
 
     async def add(self, job_id: str, when: str, place: Place, command: str, target: str) -> JobInfo:
         """Schedule `command` (e.g. "/digest") to run in `place`, its reply posted to `target`.

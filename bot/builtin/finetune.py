@@ -42,16 +42,22 @@ from bot.api import (
     N_,
     ChannelSettings,
     Command,
+    Page,
     Place,
     PluginContext,
     PluginSettings,
     QuillError,
     Reaction,
+    Redirect,
     Reply,
     Request,
+    Series,
+    WebPage,
+    WebRequest,
     _,
     error_text,
     hookimpl,
+    line_chart,
 )
 from bot.memory import Memory
 from bot.models import Approval, Conversation, FinetuneRun, Message, ScopeSetting, utcnow
@@ -64,6 +70,7 @@ GENERAL_SET = Path(__file__).parent / "data" / "general_chat.jsonl"
 GENERAL_BASE_CACHE = "general-base-nll.json"  # the base model's figure on it, per model file
 CONTRIBUTORS = "contributors.json"  # per dataset: a contributor key per line of each part
 ERASED_NOTE = "trained on data of a since-erased user"
+TEMPLATES = Path(__file__).parent / "templates" / "finetune"
 EXTRA_PACKAGES = ("torch", "transformers", "peft", "gguf")
 HOW_TO_ENABLE = N_(
     'Fine-tuning needs the optional training packages: pip install -e ".[finetune]" '
@@ -857,3 +864,48 @@ def register_commands(register: Callable[[Command], None]) -> None:
             admin=True,
         )
     )
+
+
+# -- admin panel page -----------------------------------------------------------------------
+
+
+async def runs_page(ctx: PluginContext, request: WebRequest) -> Page | Redirect:
+    """The fine-tune runs: each with its loss curve per step, held-out and general-chat NLL base
+    against adapter, dataset size, which one is served, the erased-user warning; roll back, or
+    deploy a refused run anyway."""
+    if request.method == "POST":
+        action = request.form.get("action", "")
+        try:
+            if action == "rollback":
+                return Redirect(request.url(), await rollback(ctx))
+            if action == "deploy" and request.form.get("run", "").isdigit():
+                return Redirect(
+                    request.url(run=request.form["run"]), await deploy_anyway(ctx, int(request.form["run"]))
+                )
+        except QuillError as exc:  # FinetuneError included
+            return Redirect(request.url(), error_text(exc), error=True)
+        return Redirect(request.url(), _("Usage: {usage}", usage=FINETUNE_USAGE), error=True)
+    runs = await asyncio.to_thread(_runs, ctx.memory)
+    chosen = request.query.get("run", "")
+    run = next((r for r in runs if chosen.isdigit() and r.id == int(chosen)), None)
+    if run is None:
+        return Page(
+            "runs.html",
+            {"runs": runs, "erased": ERASED_NOTE, "training": _training is not None and not _training.done()},
+        )
+    f = figures_of(run)
+    losses: list[float] = f.get("losses", [])
+    chart = line_chart(
+        [Series(_("train loss"), [(i + 1, loss) for i, loss in enumerate(losses)])],
+        title=_("Fine-tune run {run}: train loss per step", run=run.id),
+        x_ticks=[(1, "1"), (len(losses), str(len(losses)))] if losses else [],
+        y_label=_("loss"),
+    )
+    nll = [(key, f[key]) for key in ("heldout", "general") if key in f]
+    values = {"run": run, "chart": chart, "nll": nll, "figures": f, "erased": ERASED_NOTE in run.note}
+    return Page("run.html", values)
+
+
+@hookimpl
+def register_web_pages(register: Callable[[WebPage], None]) -> None:
+    register(WebPage("runs", N_("Fine-tune runs"), runs_page, TEMPLATES, post=True, everywhere=True))

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -20,14 +21,19 @@ from pydantic_settings import SettingsConfigDict
 from bot.api import (
     N_,
     Command,
+    Download,
     GuildSettings,
     HookResult,
     JobRegistrar,
     Option,
+    Page,
     PluginContext,
     PluginSettings,
+    Redirect,
     Reply,
     Request,
+    WebPage,
+    WebRequest,
     _,
     hookimpl,
     ngettext,
@@ -38,6 +44,7 @@ from bot.models import utcnow
 log = logging.getLogger(__name__)
 
 USAGE = "me | channel | user <id>"
+TEMPLATES = Path(__file__).parent / "templates" / "privacy"
 
 
 class RetentionSettings(PluginSettings):
@@ -106,20 +113,25 @@ async def _forget_user(ctx: PluginContext, user_id: str, who: str) -> Reply:
     return Reply(erased + failures, failed=bool(failures))
 
 
+async def _export_document(ctx: PluginContext, user_id: str) -> tuple[dict[str, Any], int, str]:
+    """Everything stored about `user_id` (quill's rows and each plugin's), the row count, and the
+    plugins whose export failed."""
+    data: dict[str, Any] = dict(await ctx.memory.export_user(user_id))
+    results = await ctx.hooks.call("export_user", user_id=user_id)
+    plugins = {r.plugin: r.value for r in results if not r.failed and r.value}
+    document = {"user_id": user_id, "exported_at": utcnow().isoformat(), "tables": data, "plugins": plugins}
+    return document, sum(len(v) for v in data.values()), _failed(results)
+
+
 async def export(ctx: PluginContext, request: Request) -> Reply:
     if request.text not in ("", "me"):
         return Reply(_("Usage: /export me"), failed=True)
-    data: dict[str, Any] = dict(await ctx.memory.export_user(request.author_id))
-    results = await ctx.hooks.call("export_user", user_id=request.author_id)
-    plugins = {r.plugin: r.value for r in results if not r.failed and r.value}
+    document, rows, failed = await _export_document(ctx, request.author_id)
     folder = ctx.settings.data_dir / "exports"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
     path = folder / f"quill-export-{_safe(request.author_id)}-{stamp}.json"
-    document = {"user_id": request.author_id, "exported_at": utcnow().isoformat(), "tables": data, "plugins": plugins}
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    rows = sum(len(v) for v in data.values())
-    failed = _failed(results)
     absent = _("Missing: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=failed)
     missing = f" {absent}" if failed else ""
     return Reply(_("Your data: {rows} rows, in {path}", rows=rows, path=path) + missing, file=path, failed=bool(failed))
@@ -179,3 +191,30 @@ def register_commands(register: Callable[[Command], None]) -> None:
             "retention", N_("show or set how many days messages are kept here"), retention, admin=True, options=(days,)
         )
     )
+
+
+async def privacy_page(ctx: PluginContext, request: WebRequest) -> Page | Redirect | Download:
+    """Export or erase a user (as /export and /forget user do), and the retention in force here."""
+    if request.method == "POST":
+        user_id = request.form.get("user", "").strip().strip("<@!>")[:64]
+        if not user_id:
+            return Redirect(request.url(), _("Give a user id."), error=True)
+        if request.form.get("action") == "export":
+            if not request.every:  # a user's data from every server: not for one server's admin
+                return Redirect(request.url(), _("Only an admin of every server may export a user."), error=True)
+            document, _rows, _failed_plugins = await _export_document(ctx, user_id)
+            body = json.dumps(document, indent=2, ensure_ascii=False, default=str).encode()
+            return Download(f"quill-export-{_safe(user_id)}.json", body)
+        if request.form.get("action") == "erase":
+            log.info("panel: %s erases user %s", request.user, user_id)
+            reply = await _forget_user(ctx, user_id, _("user {id}", id=user_id))
+            return Redirect(request.url(), reply.text, error=reply.failed)
+        return Redirect(request.url(), _("Usage: /forget {usage}", usage=USAGE), error=True)
+    own = (await ctx.scoped(PrivacyGuild, request.place)).retention_days
+    days = ctx.config(RetentionSettings).days if own is None else own
+    return Page("privacy.html", {"days": days, "own": own is not None})
+
+
+@hookimpl
+def register_web_pages(register: Callable[[WebPage], None]) -> None:
+    register(WebPage("privacy", N_("Privacy"), privacy_page, TEMPLATES, post=True))

@@ -294,7 +294,7 @@ class Panel:
             [
                 (f"/s/{space}/{plugin}/{page.name}", _(page.title))
                 for (plugin, _name), page in self.pages.items()
-                if page.menu
+                if page.menu and (visitor is not None and (visitor.every or not page.everywhere))
             ]
             if place
             else []
@@ -546,6 +546,8 @@ class Panel:
         page = self.pages.get(key)
         if page is None or (request.method == "POST" and not page.post):
             return PlainTextResponse(_("Not found"), status_code=404)
+        if page.everywhere and not ctx.visitor.every:
+            return self._render(request, "refused.html", {}, status=403)
         web_request = WebRequest(
             place=ctx.place,
             space=request.path_params["space"],
@@ -553,6 +555,7 @@ class Panel:
             page=key[1],
             method=request.method,
             user=ctx.visitor.id,
+            every=ctx.visitor.every,
             query=dict(request.query_params),
             form=ctx.form,
             files=ctx.files,

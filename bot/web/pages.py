@@ -38,6 +38,8 @@ class WebRequest:
     page: str
     method: str
     user: str
+    # Whether the visitor administers every server (a log-in link, QUILL_ADMIN_IDS), not only this one.
+    every: bool = False
     query: Mapping[str, str] = field(default_factory=dict)
     form: Mapping[str, str] = field(default_factory=dict)
     files: tuple[Upload, ...] = ()
@@ -84,7 +86,9 @@ class WebPage:
     """A page a plugin adds to every server's part of the panel, at /s/<server>/<plugin>/<name>.
 
     `title` is marked with N_() and shown translated in the menu; `templates` is the folder of
-    the plugin's Jinja templates (each extends "base.html"); `post` lets the page take forms."""
+    the plugin's Jinja templates (each extends "base.html"); `post` lets the page take forms;
+    `everywhere`: only for admins of every server (a log-in link, QUILL_ADMIN_IDS), for what
+    acts on the whole bot (its fine-tuned adapter), not on one server."""
 
     name: str
     title: str
@@ -92,3 +96,4 @@ class WebPage:
     templates: Path | None = None
     post: bool = False
     menu: bool = True
+    everywhere: bool = False
