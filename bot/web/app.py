@@ -322,7 +322,7 @@ class Panel:
 
     @staticmethod
     def _flash(request: Request, message: str, error: bool = False) -> None:
-        request.session.setdefault("flash", []).append({"text": message, "error": error})
+        request.session["flash"] = [*request.session.get("flash", []), {"text": message, "error": error}]
 
     # -- log-in ----------------------------------------------------------------------------
 
