@@ -492,7 +492,10 @@ class Panel:
                 fields = form_fields(entry, current)
                 if fields:
                     forms.append({"key": f"{entry.plugin}.{entry.scope}", "entry": entry, "fields": fields})
-        globals_ = [(d.plugin, global_values(d, self.registry.get(d.model))) for d in self._scoped("global")]
+        globals_ = [
+            (f"{d.plugin} ({d.model.__name__})", global_values(d, self.registry.get(d.model)))
+            for d in self._scoped("global")
+        ]
         values = {"forms": forms, "channels": channels, "channel": channel, "globals": globals_}
         return self._render(request, "settings.html", values)
 
