@@ -41,6 +41,9 @@ DEFAULT_LOCALE = "en"
 LOCALE_DIR = Path(__file__).parent / "locale"
 # The keywords that mark a string for the catalogs (Babel's extraction spec).
 KEYWORDS = {"_": None, "N_": None, "Text": None, "ngettext": (1, 2)}
+# Where marked strings live: Python sources, and the admin panel's Jinja templates (bot/web/,
+# plugins' `templates/` folders), which call `_()` and `ngettext()` the same way.
+EXTRACT_METHODS = [("**.py", "python"), ("**/templates/**.html", "jinja2.ext:babel_extract")]
 
 _current: ContextVar[str] = ContextVar("quill_locale", default=DEFAULT_LOCALE)
 # Folders holding `<ll_CC>/LC_MESSAGES/*.po`: quill's own first, then each plugin's.
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     root = LOCALE_DIR.parent.parent
     for folder in ("bot", "plugins"):
         for filename, lineno, message, comments, context in extract_from_dir(
-            root / folder, [("**.py", "python")], keywords=KEYWORDS, comment_tags=("TRANSLATORS:",)
+            root / folder, EXTRACT_METHODS, keywords=KEYWORDS, comment_tags=("TRANSLATORS:",)
         ):
             template.add(message, None, [(f"{folder}/{filename}", lineno)], auto_comments=comments, context=context)
     for po in sorted(LOCALE_DIR.glob("*/LC_MESSAGES/quill.po")):

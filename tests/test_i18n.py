@@ -19,7 +19,7 @@ from bot import i18n, plugins
 from bot.api import Request
 from bot.app import Quill
 from bot.config import REPO_ROOT
-from bot.i18n import KEYWORDS, LOCALE_DIR, _, gettext_in, locale_scope, resolve
+from bot.i18n import EXTRACT_METHODS, KEYWORDS, LOCALE_DIR, _, gettext_in, locale_scope, resolve
 from plugins.qa import NOTHING_FOUND
 
 CATALOGS = {locale: LOCALE_DIR / locale.replace("-", "_") / "LC_MESSAGES" / "quill.po" for locale in ("zh-CN", "zh-TW")}
@@ -30,16 +30,20 @@ SINKS = {
     "Command": ({1}, {"help"}),
     "Option": ({1}, {"description"}),
     "Section": ({0}, {"title"}),
+    # The admin panel: a page's menu title, and the message shown after a form (bot/web/pages.py).
+    "WebPage": ({1}, {"title"}),
+    "Redirect": ({1}, {"message"}),
 }
 WORDS = re.compile(r"[A-Za-z]{2,}")
 
 
 def marked_strings() -> list[tuple[str, str | tuple[str, str]]]:
-    """(where, msgid) for every string marked in bot/ and plugins/, as Babel extracts them."""
+    """(where, msgid) for every string marked in bot/ and plugins/ (the panel's templates too), as
+    Babel extracts them."""
     found = []
     for folder in ("bot", "plugins"):
         for filename, lineno, message, _comments, _context in extract_from_dir(
-            REPO_ROOT / folder, [("**.py", "python")], keywords=KEYWORDS
+            REPO_ROOT / folder, EXTRACT_METHODS, keywords=KEYWORDS
         ):
             found.append((f"{folder}/{filename}:{lineno}", message))
     return found

@@ -373,3 +373,20 @@ async def test_the_overview_shows_the_engine_live(admin: httpx.AsyncClient, web_
     assert "Replies in the last hour</dt><dd>1</dd>" in page
     assert re.search(r"p50 / p95</dt><dd>\d+\.\d\d s / \d+\.\d\d s", page)
     assert ('id="running">0<' in page and "sqlite" in page) or "postgresql" in page
+
+
+async def test_the_panel_speaks_the_browsers_language_chinese_or_english(admin: httpx.AsyncClient) -> None:
+    zh = await admin.get(f"/s/{CONSOLE}/schedule/schedules", headers={"accept-language": "zh-CN,zh;q=0.9"})
+    assert "定时任务" in zh.text and "添加任务" in zh.text and "知识库" in zh.text and "Schedules" not in zh.text
+    tw = await admin.get("/", headers={"accept-language": "zh-TW"})
+    assert "概覽" in tw.text
+    en = await admin.get(f"/s/{CONSOLE}/schedule/schedules", headers={"accept-language": "en-GB,en;q=0.8"})
+    assert "Schedules" in en.text and "定时任务" not in en.text
+    csrf = CSRF.search(zh.text).group(1)  # type: ignore[union-attr]
+    refused = await admin.post(
+        f"/s/{CONSOLE}/schedule/schedules",
+        data={"csrf": csrf, "action": "pause", "job": "nope"},
+        headers={"accept-language": "zh-CN"},
+    )
+    shown = await admin.get(refused.headers["location"], headers={"accept-language": "zh-CN"})
+    assert "这里没有名为 nope 的定时任务。" in shown.text

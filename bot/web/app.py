@@ -14,6 +14,7 @@ import hmac
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -75,6 +76,7 @@ _SPACE = re.compile(r"([a-z][a-z0-9_]{0,31})-(?:([A-Za-z0-9_]{1,32})|@([A-Za-z0-
 _NAME = re.compile(r"[a-z0-9_-]{1,64}")
 DISCORD_API = "https://discord.com/api"
 CHART_DAYS = 30
+FIGURES_SECONDS = 30.0
 
 
 def space_key(place: Place) -> str:
@@ -156,6 +158,7 @@ class Panel:
         self.static = {p.name: p.read_bytes() for p in (HERE / "static").iterdir() if p.is_file()}
         self.secret = secrets.token_urlsafe(32)  # sessions end with the process
         self.oauth = self._oauth()
+        self._figures: dict[tuple[Any, ...], tuple[float, Any]] = {}
 
     def _registrar(self, plugin: str, folders: dict[str, FileSystemLoader]) -> Callable[[WebPage], None]:
         def register(page: WebPage) -> None:
@@ -407,8 +410,8 @@ class Panel:
     # -- overview --------------------------------------------------------------------------
 
     async def overview(self, ctx: Ctx) -> Response:
-        figures = await _database_figures(self.quill)
-        places = [p for p in figures.pop("places") if ctx.visitor.manages(p.transport, p.guild_id)]
+        figures = await self._cached(("figures",), lambda: _db_figures(self.quill))
+        places = [p for p in figures["places"] if ctx.visitor.manages(p.transport, p.guild_id)]
         for guild in ctx.visitor.guilds:
             if Place("discord", guild, "") not in places:
                 places.append(Place("discord", guild, ""))
@@ -452,9 +455,19 @@ class Panel:
                 "leading": scheduler.leading,
                 "jobs": len(await scheduler.jobs()),
             },
-            **figures,
+            "counts": figures["counts"],
         }
         return self._render(ctx.request, "overview.html", values)
+
+    async def _cached(self, key: tuple[Any, ...], compute: Callable[[], Awaitable[Any]]) -> Any:
+        """Counts that read every stored message (per channel, per day, in all) are computed at
+        most once per FIGURES_SECONDS: a panel refreshed every second would otherwise scan
+        100,000 rows a second beside the bot."""
+        now = time.monotonic()
+        found = self._figures.get(key)
+        if found is None or found[0] < now:
+            found = self._figures[key] = (now + FIGURES_SECONDS, await compute())
+        return found[1]
 
     # -- settings --------------------------------------------------------------------------
 
@@ -464,7 +477,7 @@ class Panel:
     async def settings_page(self, ctx: Ctx) -> Response:
         assert ctx.place is not None
         request, place = ctx.request, ctx.place
-        channels = await _channels(self.quill, place)
+        channels = await self._cached(("channels", place), lambda: _channels(self.quill, place))
         channel = request.query_params.get("channel") or (place.channel_id or (channels[0][0] if channels else ""))
         if place.channel_id:
             channel = place.channel_id
@@ -504,7 +517,7 @@ class Panel:
     async def conversations(self, ctx: Ctx) -> Response:
         assert ctx.place is not None
         request, place = ctx.request, ctx.place
-        channels = await _channels(self.quill, place)
+        channels = await self._cached(("channels", place), lambda: _channels(self.quill, place))
         channel = place.channel_id or request.query_params.get("channel", "")
         if channel and channel not in {c for c, _n in channels}:
             channel = ""
@@ -512,6 +525,7 @@ class Panel:
         if request.method == "POST":
             if ctx.form.get("action") == "erase" and channel:
                 count = await self.quill.memory.forget_place(place.transport, place.guild_id, channel)
+                self._figures.clear()
                 log.info("panel: %s erased channel %s of %s (%d messages)", ctx.visitor.id, channel, space, count)
                 self._flash(
                     request,
@@ -528,7 +542,7 @@ class Panel:
                 query, place.transport, place.guild_id, channel or place.channel_id, 50
             )
             found = [h for h in hits if h.kind == "message"]
-        per_day = await _per_day(self.quill, place)
+        per_day = await self._cached(("per_day", place), lambda: _per_day(self.quill, place))
         chart = _per_day_chart(per_day)
         values = {
             "channels": channels,
@@ -629,10 +643,6 @@ def _db_figures(quill: Quill) -> dict[str, Any]:
             )
         ).all()
     return {"counts": counts, "places": sorted({Place(*row) for row in rows})}
-
-
-async def _database_figures(quill: Quill) -> dict[str, Any]:
-    return await _db_figures(quill)
 
 
 @off_loop
