@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, DateTime, LargeBinary, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import Column, DateTime, Index, LargeBinary, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -62,6 +62,8 @@ class Message(SQLModel, table=True):
     re-tokenizing it."""
 
     __tablename__ = "message"
+    # A conversation's newest messages in order, without sorting all of them (history, summaries).
+    __table_args__ = (Index("ix_message_conversation_created", "conversation_id", "created_at", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     conversation_id: int = Field(foreign_key="conversation.id", index=True)

@@ -10,6 +10,7 @@ loop never waits for a page.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -159,6 +160,7 @@ class Panel:
         self.secret = secrets.token_urlsafe(32)  # sessions end with the process
         self.oauth = self._oauth()
         self._figures: dict[tuple[Any, ...], tuple[float, Any]] = {}
+        self._refreshing: dict[tuple[Any, ...], asyncio.Task[None]] = {}
 
     def _registrar(self, plugin: str, folders: dict[str, FileSystemLoader]) -> Callable[[WebPage], None]:
         def register(page: WebPage) -> None:
@@ -462,11 +464,22 @@ class Panel:
     async def _cached(self, key: tuple[Any, ...], compute: Callable[[], Awaitable[Any]]) -> Any:
         """Counts that read every stored message (per channel, per day, in all) are computed at
         most once per FIGURES_SECONDS: a panel refreshed every second would otherwise scan
-        100,000 rows a second beside the bot."""
-        now = time.monotonic()
+        100,000 rows a second beside the bot. Past that, the page gets the figures it had while
+        new ones are computed in the background, so only the first visit waits for them."""
         found = self._figures.get(key)
-        if found is None or found[0] < now:
-            found = self._figures[key] = (now + FIGURES_SECONDS, await compute())
+        if found is None:
+            found = self._figures[key] = (time.monotonic() + FIGURES_SECONDS, await compute())
+        elif found[0] < time.monotonic() and key not in self._refreshing:
+
+            async def refresh() -> None:
+                try:
+                    self._figures[key] = (time.monotonic() + FIGURES_SECONDS, await compute())
+                except Exception:
+                    log.exception("panel: figures %s not refreshed", key[0])
+                finally:
+                    del self._refreshing[key]
+
+            self._refreshing[key] = asyncio.create_task(refresh(), name="quill-web-figures")
         return found[1]
 
     # -- settings --------------------------------------------------------------------------
@@ -677,7 +690,7 @@ def _per_day(quill: Quill, place: Place) -> dict[str, dict[str, int]]:
     )
     where = "v.transport = :t AND v.guild_id = :g" + ("" if place.guild_id else " AND v.channel_id = :c")
     query = text(
-        f"SELECT v.channel_id, {day} AS day, COUNT(*) FROM message m JOIN conversation v ON v.id = m.conversation_id "
+        f"SELECT v.channel_id, {day} AS day, COUNT(*) FROM conversation v JOIN message m ON m.conversation_id = v.id "
         f"WHERE {where} AND m.created_at >= :since GROUP BY v.channel_id, day"
     )
     found: dict[str, dict[str, int]] = {}
