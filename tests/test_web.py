@@ -16,6 +16,7 @@ from bot.engine.local import LocalEngine
 from bot.web.app import Panel
 from bot.web.auth import LoginTokens, discord_visitor
 from tests.conftest import make_settings
+from tests.test_plugins import greeter  # noqa: F401  (the fixture: a plugin installed by entry point)
 from tests.web_helpers import (
     CSRF,
     MANAGED,
@@ -390,3 +391,30 @@ async def test_the_panel_speaks_the_browsers_language_chinese_or_english(admin: 
     )
     shown = await admin.get(refused.headers["location"], headers={"accept-language": "zh-CN"})
     assert "这里没有名为 nope 的定时任务。" in shown.text
+
+
+@pytest.mark.usefixtures("greeter")
+async def test_a_third_party_plugins_settings_appear_with_no_panel_code_of_its_own(
+    tmp_path: Path, engine: LocalEngine
+) -> None:
+    """The greeter plugin (tests/test_plugins.py: installed by entry point, declares a GuildSettings
+    and nothing for the panel) gets a form; what is saved there is what its command reads."""
+    quill = await Quill.start(make_settings(tmp_path), engine=engine)
+    try:
+        await seed(quill)
+        panel = Panel(quill, live=True)
+        async with client_for(panel) as client:
+            await logged_in(client, panel)
+            path = f"/s/discord-{MANAGED}/settings"
+            page = (await client.get(path)).text
+            form = page.split('id="settings-greeter.guild"')[1].split("</form>")[0]
+            assert "Whom it greets in this server." in form and 'maxlength="40"' in form
+            csrf = CSRF.search(page).group(1)  # type: ignore[union-attr]
+            await client.post(path, data={"csrf": csrf, "settings": "greeter.guild", "name": "Ada"})
+            assert "GREETER_GREETING" in page and "你好" in page  # its global setting, read-only
+        from bot.api import Request
+
+        reply = await quill.router.handle(Request("discord", "general", "u1", "/greet", guild_id=MANAGED))
+        assert reply.text == "你好, Ada!"
+    finally:
+        await quill.close(close_engine=False)
