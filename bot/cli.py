@@ -111,7 +111,9 @@ def run_app(job: Callable[[Quill], Awaitable[T]], *, interactive: bool = True, v
     async def main() -> T:
         quill = await Quill.start(settings)
         try:
-            async with serving(quill):  # the admin panel, when QUILL_WEB_PORT is set
+            async with serving(quill) as panel:  # the admin panel, when QUILL_WEB_PORT is set
+                if panel is not None and interactive:  # the log goes to a file: say it here too
+                    typer.secho(f"admin panel (log-in link, works once): {panel.login_link()}", err=True)
                 return await job(quill)
         finally:
             await quill.close()
