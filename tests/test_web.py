@@ -185,6 +185,7 @@ def test_discord_admin_rights_come_from_manage_server_administrator_ownership_or
     assert visitor.manages("discord", "1") and not visitor.manages("discord", "4")
     assert not visitor.manages("console", "") and not visitor.manages("discord", "")
     assert discord_visitor({"id": "7"}, [], ["7"]).manages("discord", "4")
+    assert not discord_visitor({"id": "7"}, [], ["7"]).manages("discord", "")  # DMs stay private
 
 
 async def test_every_form_carries_the_csrf_token_and_a_post_without_it_is_refused(

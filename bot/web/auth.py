@@ -66,9 +66,10 @@ class Visitor:
     guilds: Mapping[str, str]  # guild id -> name
 
     def manages(self, transport: str, guild_id: str) -> bool:
-        if self.every:
-            return True
-        return transport == "discord" and guild_id != "" and guild_id in self.guilds
+        """Whether they may manage this server; nobody manages Discord DMs here, private as they are."""
+        if transport == "discord" and not guild_id:
+            return False
+        return self.every or (transport == "discord" and guild_id in self.guilds)
 
     def to_session(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "every": self.every, "guilds": dict(self.guilds)}
