@@ -1,11 +1,11 @@
 """Admin panel speed: page render time with a large database, and what serving the panel costs
 the bot's replies, measured in one run.
 
-    python -m bench.web [--passages 10000] [--messages 100000] [--renders 30] [--replies 6] [--runs 2]
+    python -m bench.web [--passages 10000] [--messages 100000] [--renders 30] [--replies 3] [--runs 4]
 
 Targets: every page's p95 <= 200 ms with 10,000 passages and 100,000 stored messages; replies
-run at >= 0.97x their rate while a browser refreshes the panel every second (phases alternate,
-without/with, on the same engine, so drift hits both alike).
+run at >= 0.97x their rate while a browser tab reloads a panel page every second (phases alternate
+without/with, then with/without, on the same engine, so a drift of the machine's load hits both alike).
 """
 
 from __future__ import annotations
@@ -145,13 +145,15 @@ async def render_times(panel: Panel, renders: int) -> dict[str, list[float]]:
 
 
 def refresher(base: str, link: str, stop: threading.Event, counts: list[int]) -> None:
-    """A browser tab in another thread: reload the overview and a server's busiest pages every second."""
+    """A browser tab in another thread, reloaded every second: the overview, then a server's
+    conversations, then its knowledge base, in turn."""
+    pages = ("/", f"/s/{SPACE}/conversations?channel=channel-0", f"/s/{SPACE}/qa/kb")
     with httpx.Client(timeout=30) as client:
         client.get(link)
         while not stop.is_set():
-            for page in ("/", f"/s/{SPACE}/conversations?channel=channel-0", f"/s/{SPACE}/qa/kb"):
-                assert client.get(base + page).status_code == 200, page
-                counts[0] += 1
+            page = pages[counts[0] % len(pages)]
+            assert client.get(base + page).status_code == 200, page
+            counts[0] += 1
             stop.wait(1.0)
 
 
@@ -171,8 +173,8 @@ async def main() -> None:
     p.add_argument("--passages", type=int, default=10_000)
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--renders", type=int, default=30)
-    p.add_argument("--replies", type=int, default=6)
-    p.add_argument("--runs", type=int, default=2, help="without/with pairs of the reply phase")
+    p.add_argument("--replies", type=int, default=3)
+    p.add_argument("--runs", type=int, default=4, help="pairs of reply phases, without/with the panel (ABBA)")
     args = p.parse_args()
     port = 18765
     settings = bench_settings(embeddings=False, max_reply_tokens=64, web_port=port)
@@ -197,15 +199,21 @@ async def main() -> None:
             without, with_panel, loads = [], [], [0]
             await reply_rate(quill, 1, -1)  # warm the engine
             for run in range(args.runs):
-                without.append(await reply_rate(quill, args.replies, 2 * run))
-                stop = threading.Event()
-                thread = threading.Thread(target=refresher, args=(panel.base_url, panel.login_link(), stop, loads))
-                thread.start()
-                try:
-                    with_panel.append(await reply_rate(quill, args.replies, 2 * run + 1))
-                finally:
-                    stop.set()
-                    await asyncio.to_thread(thread.join)
+                # ABBA order: a drift of the machine's load over the run weighs on both sides alike.
+                for with_it in (False, True) if run % 2 == 0 else (True, False):
+                    if not with_it:
+                        without.append(await reply_rate(quill, args.replies, 2 * run + with_it))
+                        continue
+                    stop = threading.Event()
+                    thread = threading.Thread(target=refresher, args=(panel.base_url, panel.login_link(), stop, loads))
+                    thread.start()
+                    try:
+                        with_panel.append(await reply_rate(quill, args.replies, 2 * run + with_it))
+                    finally:
+                        stop.set()
+                        await asyncio.to_thread(thread.join)
+        print("  per phase, without: " + ", ".join(f"{r:.2f}" for r in without))
+        print("  per phase, with:    " + ", ".join(f"{r:.2f}" for r in with_panel))
         rate_without, rate_with = sum(without) / len(without), sum(with_panel) / len(with_panel)
         ratio = rate_with / rate_without
         print(
