@@ -26,12 +26,14 @@ from bot.hookspecs import JobRegistrar, hookimpl
 from bot.i18n import (
     N_,
     LanguageChannel,
+    LanguageUser,
     _,
     current_locale,
     error_text,
     format_date,
     format_datetime,
     format_number,
+    language_code,
     language_label,
     locale_scope,
     ngettext,
@@ -39,7 +41,15 @@ from bot.i18n import (
 from bot.i18n import available as available_locales
 from bot.i18n import normalize as normalize_locale
 from bot.memory import Memory, off_loop
-from bot.plugin_config import ChannelSettings, GuildSettings, PluginSettings, SettingError, SettingsRegistry
+from bot.plugin_config import (
+    ChannelSettings,
+    GuildSettings,
+    MemberSettings,
+    PluginSettings,
+    SettingError,
+    SettingsRegistry,
+    UserSettings,
+)
 from bot.prompts import PromptLoader
 from bot.search import Hit, Search, Semantic
 from bot.text import HAS_CJK, content_words
@@ -74,6 +84,8 @@ __all__ = [
     "HookResult",
     "JobRegistrar",
     "LanguageChannel",
+    "LanguageUser",
+    "MemberSettings",
     "Option",
     "OptionError",
     "Place",
@@ -86,6 +98,7 @@ __all__ = [
     "Section",
     "SettingError",
     "Text",
+    "UserSettings",
     "_",
     "available_locales",
     "content_words",
@@ -96,6 +109,7 @@ __all__ = [
     "format_number",
     "has_cjk",
     "hookimpl",
+    "language_code",
     "language_label",
     "locale_scope",
     "message_link",
@@ -157,20 +171,22 @@ class PluginContext:
         """A plugin's global settings (`PluginSettings`), as read from the environment at start."""
         return self.registry.get(model)
 
-    async def scoped(self, model: type[S], place: Place) -> S:
-        """A plugin's `GuildSettings` or `ChannelSettings` for `place`, defaults where unset."""
+    async def scoped(self, model: type[S], place: Place, *, user: str = "") -> S:
+        """A plugin's `GuildSettings` or `ChannelSettings` for `place`, or its `UserSettings` /
+        `MemberSettings` for the person `user` (their id on the place's transport), defaults
+        where unset."""
         entry = self.registry.entry(model)
-        guild, channel = _scope_of(entry.scope, place)
-        return self.registry.build(model, await self.memory.get_settings(guild, channel, entry.plugin))
+        guild, channel, person = _scope_of(entry.scope, place, user)
+        return self.registry.build(model, await self.memory.get_settings(guild, channel, entry.plugin, person))
 
-    async def update(self, model: type[S], place: Place, **changes: Any) -> S:
-        """Change some of `place`'s settings of `model`, each validated by its declaration
-        (SettingError names the one refused); a value equal to the default is stored as unset,
-        so a later change of default reaches it."""
+    async def update(self, model: type[S], place: Place, *, user: str = "", **changes: Any) -> S:
+        """Change some of `place`'s (or the person `user`'s) settings of `model`, each validated
+        by its declaration (SettingError names the one refused); a value equal to the default is
+        stored as unset, so a later change of default reaches it."""
         entry = self.registry.entry(model)
         if unknown := sorted(set(changes) - set(model.model_fields)):
             raise KeyError(f"{entry.plugin} has no {entry.scope} setting {', '.join(unknown)}")
-        current = await self.scoped(model, place)
+        current = await self.scoped(model, place, user=user)
         try:
             updated = model.model_validate({**current.model_dump(), **changes})
         except ValidationError as exc:
@@ -185,8 +201,8 @@ class PluginContext:
                 cleared.append(entry.key(name))
             else:
                 values[entry.key(name)] = updated.model_dump(mode="json", include={name})[name]
-        guild, channel = _scope_of(entry.scope, place)
-        await self.memory.set_settings(guild, channel, values, cleared)
+        guild, channel, person = _scope_of(entry.scope, place, user)
+        await self.memory.set_settings(guild, channel, values, cleared, person)
         return updated
 
     @cached_property
@@ -272,10 +288,17 @@ class PluginContext:
             reply.answer_id = stored.id
 
 
-def _scope_of(scope: str, place: Place) -> tuple[str, str]:
-    """The (guild_id, channel_id) a scoped setting is stored under: channel "" for a guild's."""
+def _scope_of(scope: str, place: Place, user: str) -> tuple[str, str, str]:
+    """The (guild_id, channel_id, user_id) a scoped setting is stored under: channel "" for a
+    guild's, guild "" for a person's own everywhere."""
+    if scope in {"user", "member"} and not user:
+        raise KeyError(f"{scope} settings need the person's id (user=...)")
     if scope == "guild":
-        return place.guild_id, ""
+        return place.guild_id, "", ""
     if scope == "channel":
-        return place.guild_id, place.channel_id
+        return place.guild_id, place.channel_id, ""
+    if scope == "member":
+        return place.guild_id, "", user
+    if scope == "user":
+        return "", "", user
     raise KeyError(f"{scope} settings are not stored per place")
