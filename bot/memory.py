@@ -29,7 +29,7 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from bot.models import Conversation, Message, ScopeSetting, UserSetting, utcnow
 from bot.textindex import index_text
-from bot.types import QuillError
+from bot.types import QuillError, Text
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def off_loop(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except OperationalError as exc:
-            raise StorageError(f"The database is unavailable: {exc.orig}") from exc
+            raise StorageError(Text("The database is unavailable: {reason}", reason=str(exc.orig))) from exc
 
     return wrapper
 

@@ -4,6 +4,7 @@ is marked, and each request is answered in the language it resolves to."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import string
 import textwrap
@@ -18,9 +19,13 @@ from babel.messages.pofile import read_po
 from bot import i18n, plugins, prompts
 from bot.api import Request
 from bot.app import Quill
+from bot.builtin import finetune
 from bot.config import REPO_ROOT
-from bot.i18n import KEYWORDS, LOCALE_DIR, _, gettext_in, locale_scope, resolve
+from bot.engine import ContextOverflow, reply_room
+from bot.i18n import KEYWORDS, LOCALE_DIR, _, error_text, gettext_in, locale_scope, resolve
+from bot.models import FinetuneRun
 from bot.prompts import BUILTIN_PROMPTS, PromptLoader
+from bot.scheduler import ScheduleError, parse_when
 from plugins.qa import NOTHING_FOUND
 
 CATALOGS = {locale: LOCALE_DIR / locale.replace("-", "_") / "LC_MESSAGES" / "quill.po" for locale in ("zh-CN", "zh-TW")}
@@ -366,3 +371,61 @@ def test_a_plugin_ships_its_own_prompts_beside_its_module(tmp_path: Path) -> Non
         prompts._plugin_folders.remove(tmp_path / "prompts")
         prompts._environment.cache_clear()
         i18n.available.cache_clear()
+
+
+def test_finetune_status_lines_come_in_the_readers_language() -> None:
+    figures = {
+        "groups": {"groups": 5, "exchanges": 12, "train": 3, "heldout": 2},
+        "losses": [2.5, 1.25],
+        "heldout": {"base": 2.0, "adapter": 1.5, "examples": 4},
+        "decision": {"deploy": True, "reason": "held-out NLL fell -25.0%"},
+    }
+    run = FinetuneRun(
+        id=3, status="deployed", base_model="m", dataset_path="d/7", dataset_sha256="x", n_train=12, n_heldout=4
+    )
+    run.nll_before, run.nll_after, run.figures = 2.0, 1.5, json.dumps(figures)
+    english = [finetune.describe(run), *finetune.details(run)]
+    assert english == [
+        "deployed (served now), held-out NLL/token 2.000 -> 1.500; dataset d/7 (12 train, 4 held out)",
+        "  groups of distinct questions: 5 among 12 exchanges (3 train, 2 held out)",
+        "  train loss: 2 steps, 2.500 -> 1.250 (lowest 1.250)",
+        "  held-out NLL/answer token: base 2.000, adapter 1.500 (-25.0%; 4 exchanges)",
+        "  deploy: held-out NLL fell -25.0%",
+    ]
+    with locale_scope("zh-CN"):
+        chinese = [finetune.describe(run), *finetune.details(run)]
+    assert chinese == [
+        "已部署（正在使用），留出集每词元 NLL 2.000 -> 1.500；数据集 d/7（12 条训练，4 条留出）",
+        "  不同问题的组数：12 条问答中有 5 组（3 组训练，2 组留出）",
+        "  训练损失：2 步，2.500 -> 1.250（最低 1.250）",
+        "  留出集每个回答词元的 NLL：基础模型 2.000，适配器 1.500（-25.0%；4 条问答）",
+        "  部署：held-out NLL fell -25.0%",  # the gate's reason is stored as written, in English
+    ]
+
+
+@pytest.mark.parametrize(
+    ("locale", "expected"),
+    [
+        ("en", "Bad time '25:00'; use 24-hour HH:MM, e.g. 09:30."),
+        ("zh-CN", "时间 '25:00' 有误；请用 24 小时制 HH:MM，例如 09:30。"),
+        ("zh-TW", "時間 '25:00' 有誤；請用 24 小時制 HH:MM，例如 09:30。"),
+    ],
+)
+def test_errors_raised_deep_in_the_core_are_translated_where_they_are_shown(locale: str, expected: str) -> None:
+    with pytest.raises(ScheduleError) as raised:
+        parse_when("daily 25:00", "UTC")
+    assert str(raised.value) == "Bad time '25:00'; use 24-hour HH:MM, e.g. 09:30."  # the log's, English
+    with locale_scope(locale):
+        assert error_text(raised.value) == expected
+    with pytest.raises(ContextOverflow) as overflow:
+        reply_room(5000, 4096)
+    with locale_scope(locale):
+        shown = error_text(overflow.value)
+    assert ("5,000" in shown and "4,096" in shown) and (bool(CJK.search(shown)) == (locale != "en"))
+
+
+async def test_a_chinese_user_gets_the_schedule_error_in_chinese(app: Quill) -> None:
+    reply = await app.router.handle(request("/schedule add 日报 daily 25:00 /digest", is_admin=True, locale="zh-CN"))
+    assert reply.failed and "时间 '25:00' 有误" in reply.text
+    reply = await app.router.handle(request("/schedule add daily-report daily 25:00 /digest", is_admin=True))
+    assert reply.failed and "Bad time '25:00'" in reply.text
