@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from bot.charts import chart_font
 from bot.config import Settings
 from bot.engine import (
     MESSAGE_OVERHEAD_TOKENS,
@@ -101,6 +102,7 @@ __all__ = [
     "UserSettings",
     "_",
     "available_locales",
+    "chart_font",
     "content_words",
     "current_locale",
     "error_text",

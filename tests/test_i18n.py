@@ -16,7 +16,7 @@ import pytest
 from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
-from bot import i18n, plugins, prompts
+from bot import charts, i18n, plugins, prompts
 from bot.api import Request
 from bot.app import Quill
 from bot.builtin import finetune
@@ -26,6 +26,7 @@ from bot.i18n import KEYWORDS, LOCALE_DIR, _, error_text, gettext_in, locale_sco
 from bot.models import FinetuneRun
 from bot.prompts import BUILTIN_PROMPTS, PromptLoader
 from bot.scheduler import ScheduleError, parse_when
+from plugins.digest import MOOD_NAMES, chart
 from plugins.qa import NOTHING_FOUND
 
 CATALOGS = {locale: LOCALE_DIR / locale.replace("-", "_") / "LC_MESSAGES" / "quill.po" for locale in ("zh-CN", "zh-TW")}
@@ -429,3 +430,51 @@ async def test_a_chinese_user_gets_the_schedule_error_in_chinese(app: Quill) -> 
     assert reply.failed and "时间 '25:00' 有误" in reply.text
     reply = await app.router.handle(request("/schedule add daily-report daily 25:00 /digest", is_admin=True))
     assert reply.failed and "Bad time '25:00'" in reply.text
+
+
+CHART_LABELS = [
+    *MOOD_NAMES.values(),
+    *finetune.CHART_BARS.values(),
+    "Messages per day, by mood",
+    "fine-tune run {id}: {status}",
+    "train loss per step ({count} steps)",
+    "last {loss}",
+    "NLL per answer token: base | adapter",
+    *finetune.STATUSES.values(),
+]
+
+
+@pytest.mark.parametrize("locale", sorted(CATALOGS))
+def test_every_chart_label_can_be_drawn_in_chinese(locale: str) -> None:
+    """Pillow's own font has no Chinese glyphs: the charts' font must hold every character of
+    their translated labels (else `python -m bot.charts FONT` cuts it again)."""
+    from fontTools.ttLib import TTFont
+
+    have = set(TTFont(charts.FONT)["cmap"].getBestCmap())
+    for label in CHART_LABELS:
+        translated = gettext_in(locale, label)
+        assert translated != label, label
+        missing = {c for c in translated if ord(c) not in have}
+        assert not missing, (label, missing)
+    with locale_scope(locale):
+        font = charts.chart_font(13)
+    # A glyph the font has differs from the box drawn for one it lacks.
+    assert drawn("每", font) != drawn("\U000f0000", font)
+
+
+def drawn(text: str, font: object) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (40, 40))
+    ImageDraw.Draw(image).text((4, 4), text, fill=255, font=font)
+    return image.tobytes()
+
+
+def test_the_digest_chart_is_drawn_with_the_readers_labels() -> None:
+    days = {"周一 12-01": {"positive": 3, "neutral": 2, "negative": 1}, "周二 12-02": {"neutral": 4}}
+    with locale_scope("zh-CN"):
+        legend = {label: _(name) for label, name in MOOD_NAMES.items()}
+        chinese = chart.draw(days, _("Messages per day, by mood"), legend)
+    assert legend == {"positive": "正面", "neutral": "中性", "negative": "负面"}
+    english = chart.draw(days, "Messages per day, by mood", {label: _(n) for label, n in MOOD_NAMES.items()})
+    assert chinese.startswith(b"\x89PNG") and english.startswith(b"\x89PNG") and chinese != english

@@ -51,6 +51,7 @@ from bot.api import (
     Request,
     Text,
     _,
+    chart_font,
     error_text,
     hookimpl,
 )
@@ -676,26 +677,30 @@ async def rollback(ctx: PluginContext) -> str:
     return _("Rolled back run {id}; now serving run {previous}'s adapter.", id=current.id, previous=previous.id)
 
 
+# The chart's NLL bars, named in the reader's language.
+CHART_BARS = {"heldout": N_("held-out"), "general": N_("general chat")}
+
+
 def chart(run: FinetuneRun, path: Path) -> Path | None:
     """Draw a run's figures as a PNG (train loss per step; held-out and general NLL, base against
     adapter) for people who would rather look than read; None when the run has no figures."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     f = figures_of(run)
     losses: list[float] = f.get("losses", [])
-    bars = [(name, f[key]) for key, name in (("heldout", "held-out"), ("general", "general chat")) if key in f]
+    bars = [(_(name), f[key]) for key, name in CHART_BARS.items() if key in f]
     if not losses and not bars:
         return None
     width, height, pad = 760, 300, 36
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    verdict = "deployed" if f.get("decision", {}).get("deploy") else run.status
-    draw.text((pad, 8), f"fine-tune run {run.id}: {verdict}", fill="black", font=font)
+    font = chart_font(11)
+    verdict = _status("deployed" if f.get("decision", {}).get("deploy") else run.status)
+    draw.text((pad, 8), _("fine-tune run {id}: {status}", id=run.id, status=verdict), fill="black", font=font)
     # Left: train loss per step.
     left, top, right, bottom = pad, pad, width // 2 - pad // 2, height - pad
     draw.rectangle((left, top, right, bottom), outline="#999999")
-    draw.text((left, bottom + 6), f"train loss per step ({len(losses)} steps)", fill="black", font=font)
+    draw.text((left, bottom + 6), _("train loss per step ({count} steps)", count=len(losses)), fill="black", font=font)
     if losses:
         high, low = max(losses), min(0.0, *losses)
         span = high - low or 1.0
@@ -705,11 +710,11 @@ def chart(run: FinetuneRun, path: Path) -> Path | None:
         ]
         draw.line(points if len(points) > 1 else points * 2, fill="#1f77b4", width=2)
         draw.text((left + 4, top + 2), f"{high:.2f}", fill="#555555", font=font)
-        draw.text((right - 60, bottom - 14), f"last {losses[-1]:.2f}", fill="#555555", font=font)
+        draw.text((right - 60, bottom - 14), _("last {loss}", loss=f"{losses[-1]:.2f}"), fill="#555555", font=font)
     # Right: NLL per answer token, base (grey) against adapter (green: better, red: worse).
     left, right = width // 2 + pad // 2, width - pad
     draw.rectangle((left, top, right, bottom), outline="#999999")
-    draw.text((left, bottom + 6), "NLL per answer token: base | adapter", fill="black", font=font)
+    draw.text((left, bottom + 6), _("NLL per answer token: base | adapter"), fill="black", font=font)
     scale = max([max(n["base"], n["adapter"]) for _, n in bars], default=1.0) or 1.0
     slot = (right - left) / max(len(bars), 1)
     for i, (name, nll) in enumerate(bars):
