@@ -17,7 +17,7 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
 from bot import charts, i18n, plugins, prompts
-from bot.api import Request
+from bot.api import Hit, Place, Request
 from bot.app import Quill
 from bot.builtin import finetune
 from bot.config import REPO_ROOT
@@ -27,7 +27,7 @@ from bot.models import FinetuneRun
 from bot.prompts import BUILTIN_PROMPTS, PromptLoader
 from bot.scheduler import ScheduleError, parse_when
 from plugins.digest import MOOD_NAMES, chart
-from plugins.qa import NOTHING_FOUND
+from plugins.qa import NOTHING_FOUND, source_label
 
 CATALOGS = {locale: LOCALE_DIR / locale.replace("-", "_") / "LC_MESSAGES" / "quill.po" for locale in ("zh-CN", "zh-TW")}
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -478,3 +478,12 @@ def test_the_digest_chart_is_drawn_with_the_readers_labels() -> None:
     assert legend == {"positive": "正面", "neutral": "中性", "negative": "负面"}
     english = chart.draw(days, "Messages per day, by mood", {label: _(n) for label, n in MOOD_NAMES.items()})
     assert chinese.startswith(b"\x89PNG") and english.startswith(b"\x89PNG") and chinese != english
+
+
+def test_an_answers_sources_are_named_in_the_readers_language() -> None:
+    doc = Hit(kind="doc", text="", score=1.0, name="常见问题", heading="午饭")
+    said = Hit(kind="message", text="", score=1.0, message_id="#7", author="Bea")
+    place = Place("console", "", "help")
+    assert [source_label(doc, place), source_label(said, place)] == ["document “常见问题” › 午饭", "Bea, message #7"]
+    with locale_scope("zh-CN"):
+        assert [source_label(doc, place), source_label(said, place)] == ["文档“常见问题” › 午饭", "Bea，消息 #7"]
