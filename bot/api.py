@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from bot.charts import chart_font
 from bot.config import Settings
 from bot.engine import (
     MESSAGE_OVERHEAD_TOKENS,
@@ -27,12 +28,14 @@ from bot.hookspecs import JobRegistrar, hookimpl
 from bot.i18n import (
     N_,
     LanguageChannel,
+    LanguageUser,
     _,
     current_locale,
     error_text,
     format_date,
     format_datetime,
     format_number,
+    language_code,
     language_label,
     locale_scope,
     ngettext,
@@ -41,7 +44,15 @@ from bot.i18n import available as available_locales
 from bot.i18n import normalize as normalize_locale
 from bot.memory import Memory, off_loop
 from bot.metrics import ReplyMetrics
-from bot.plugin_config import ChannelSettings, GuildSettings, PluginSettings, SettingError, SettingsRegistry
+from bot.plugin_config import (
+    ChannelSettings,
+    GuildSettings,
+    MemberSettings,
+    PluginSettings,
+    SettingError,
+    SettingsRegistry,
+    UserSettings,
+)
 from bot.prompts import PromptLoader
 from bot.search import Hit, Search, Semantic, relevant
 from bot.text import HAS_CJK, content_words
@@ -79,6 +90,8 @@ __all__ = [
     "HookResult",
     "JobRegistrar",
     "LanguageChannel",
+    "LanguageUser",
+    "MemberSettings",
     "Option",
     "OptionError",
     "Page",
@@ -97,8 +110,10 @@ __all__ = [
     "Upload",
     "WebPage",
     "WebRequest",
+    "UserSettings",
     "_",
     "available_locales",
+    "chart_font",
     "content_words",
     "current_locale",
     "error_text",
@@ -107,6 +122,7 @@ __all__ = [
     "format_number",
     "has_cjk",
     "hookimpl",
+    "language_code",
     "language_label",
     "line_chart",
     "locale_scope",
@@ -172,20 +188,22 @@ class PluginContext:
         """A plugin's global settings (`PluginSettings`), as read from the environment at start."""
         return self.registry.get(model)
 
-    async def scoped(self, model: type[S], place: Place) -> S:
-        """A plugin's `GuildSettings` or `ChannelSettings` for `place`, defaults where unset."""
+    async def scoped(self, model: type[S], place: Place, *, user: str = "") -> S:
+        """A plugin's `GuildSettings` or `ChannelSettings` for `place`, or its `UserSettings` /
+        `MemberSettings` for the person `user` (their id on the place's transport), defaults
+        where unset."""
         entry = self.registry.entry(model)
-        guild, channel = _scope_of(entry.scope, place)
-        return self.registry.build(model, await self.memory.get_settings(guild, channel, entry.plugin))
+        guild, channel, person = _scope_of(entry.scope, place, user)
+        return self.registry.build(model, await self.memory.get_settings(guild, channel, entry.plugin, person))
 
-    async def update(self, model: type[S], place: Place, **changes: Any) -> S:
-        """Change some of `place`'s settings of `model`, each validated by its declaration
-        (SettingError names the one refused); a value equal to the default is stored as unset,
-        so a later change of default reaches it."""
+    async def update(self, model: type[S], place: Place, *, user: str = "", **changes: Any) -> S:
+        """Change some of `place`'s (or the person `user`'s) settings of `model`, each validated
+        by its declaration (SettingError names the one refused); a value equal to the default is
+        stored as unset, so a later change of default reaches it."""
         entry = self.registry.entry(model)
         if unknown := sorted(set(changes) - set(model.model_fields)):
             raise KeyError(f"{entry.plugin} has no {entry.scope} setting {', '.join(unknown)}")
-        current = await self.scoped(model, place)
+        current = await self.scoped(model, place, user=user)
         try:
             updated = model.model_validate({**current.model_dump(), **changes})
         except ValidationError as exc:
@@ -200,8 +218,8 @@ class PluginContext:
                 cleared.append(entry.key(name))
             else:
                 values[entry.key(name)] = updated.model_dump(mode="json", include={name})[name]
-        guild, channel = _scope_of(entry.scope, place)
-        await self.memory.set_settings(guild, channel, values, cleared)
+        guild, channel, person = _scope_of(entry.scope, place, user)
+        await self.memory.set_settings(guild, channel, values, cleared, person)
         return updated
 
     @cached_property
@@ -289,10 +307,17 @@ class PluginContext:
             reply.answer_id = stored.id
 
 
-def _scope_of(scope: str, place: Place) -> tuple[str, str]:
-    """The (guild_id, channel_id) a scoped setting is stored under: channel "" for a guild's."""
+def _scope_of(scope: str, place: Place, user: str) -> tuple[str, str, str]:
+    """The (guild_id, channel_id, user_id) a scoped setting is stored under: channel "" for a
+    guild's, guild "" for a person's own everywhere."""
+    if scope in {"user", "member"} and not user:
+        raise KeyError(f"{scope} settings need the person's id (user=...)")
     if scope == "guild":
-        return place.guild_id, ""
+        return place.guild_id, "", ""
     if scope == "channel":
-        return place.guild_id, place.channel_id
+        return place.guild_id, place.channel_id, ""
+    if scope == "member":
+        return place.guild_id, "", user
+    if scope == "user":
+        return "", "", user
     raise KeyError(f"{scope} settings are not stored per place")

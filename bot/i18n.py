@@ -19,7 +19,8 @@ import gettext
 import io
 import os
 import re
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -29,12 +30,13 @@ from typing import Any
 
 import babel
 import babel.dates
+import babel.localedata
 import babel.numbers
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from bot.plugin_config import ChannelSettings
+from bot.plugin_config import ChannelSettings, UserSettings
 from bot.types import Text
 
 DEFAULT_LOCALE = "en"
@@ -82,7 +84,8 @@ def normalize(tag: str | None) -> str | None:
         try:
             parsed = babel.Locale.parse(tag.casefold())
         except (ValueError, babel.UnknownLocaleError):
-            return None
+            code = language_code(tag)
+            return normalize(code) if code is not None and code != tag else None
     have = available()
     if parsed.language == "zh":
         traditional = parsed.script == "Hant" or parsed.territory in {"TW", "HK", "MO"}
@@ -96,6 +99,49 @@ def normalize(tag: str | None) -> str | None:
         if wanted in have:
             return wanted
     return None
+
+
+# Names people use that Babel's locale data lacks: the Chinese for "Chinese" as a spoken or
+# written language, and the usual Traditional spellings.
+_ALIASES = {"汉语": "zh", "漢語": "zh", "华语": "zh", "華語": "zh", "普通话": "zh", "普通話": "zh", "国语": "zh"}
+# Names in these locales are understood for every language, besides each language's own name.
+_NAMING_LOCALES = ("en", "zh", "zh_Hant")
+
+
+def language_code(name: str) -> str | None:
+    """The Babel code of a language from its code or its name in English, in Chinese or in
+    itself, any case: `中文` and `Chinese` -> `zh`, `英语` and `英文` -> `en`, `日本語` -> `ja`,
+    `français` -> `fr`, `繁體中文` -> `zh_Hant`; None when no language has that name."""
+    key = unicodedata.normalize("NFKC", name).strip().casefold()
+    return _common_names().get(key) or _own_names().get(key)
+
+
+def _names(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Casefolded names to codes, the first name given winning; a Chinese name in 语 also
+    answers in 文 (英语 is as often written 英文, "English writing")."""
+    found: dict[str, str] = {}
+    for name, code in pairs:
+        key = unicodedata.normalize("NFKC", name).casefold()
+        found.setdefault(key, code)
+        if key.endswith(("语", "語")):
+            found.setdefault(key[:-1] + "文", code)
+    return found
+
+
+@cache
+def _common_names() -> dict[str, str]:
+    """Every language's code and its names in English and Chinese (three locales' data: quick)."""
+    pairs = [(name, code) for naming in _NAMING_LOCALES for code, name in babel.Locale.parse(naming).languages.items()]
+    pairs += [(code, code) for code in babel.Locale.parse("en").languages]
+    return _names(pairs + list(_ALIASES.items()))
+
+
+@cache
+def _own_names() -> dict[str, str]:
+    """Each ISO 639-1 language's name in itself (日本語, français): read from ~160 locales' data,
+    about a second, so only when a name is not a common one."""
+    codes = [code for code in babel.localedata.locale_identifiers() if len(code) == 2]
+    return _names((babel.Locale.parse(code).get_display_name() or code, code) for code in codes)
 
 
 def system_locale() -> str | None:
@@ -249,12 +295,10 @@ def _shown(values: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-class LanguageChannel(ChannelSettings):
-    """The language quill answers in here, set by an admin (`/language`); unset, the user's own
-    Discord language, the message's language and the place's decide."""
+class _LocaleSetting(BaseModel):
+    """A language for quill's own texts, stored as its catalog locale (empty: automatic)."""
 
-    namespace = "language"
-    locale: str = Field("", max_length=20, description="The language quill's own texts use here (empty: automatic).")
+    locale: str = Field("", max_length=20, description="The language of quill's own texts (empty: automatic).")
 
     @field_validator("locale")
     @classmethod
@@ -267,11 +311,23 @@ class LanguageChannel(ChannelSettings):
         return known
 
 
-def resolve(*, chosen: str | None, user: str | None, text: str, place: str | None) -> str:
-    """The locale to answer in: an admin's choice for the place, the user's own (a Discord
-    client's language, QUILL_LOCALE), the message's language, the place's (a guild's preferred
-    locale, the system's), English."""
-    for candidate in (chosen, user):
+class LanguageChannel(_LocaleSetting, ChannelSettings):
+    """The language quill answers in here, set by an admin (`/language scope:channel`)."""
+
+    namespace = "language"
+
+
+class LanguageUser(_LocaleSetting, UserSettings):
+    """The language quill answers one person in, wherever they are, set by them (`/language`)."""
+
+    namespace = "language"
+
+
+def resolve(*, mine: str | None, channel: str | None, client: str | None, text: str, place: str | None) -> str:
+    """The locale to answer in: the person's own choice (/language), the channel's (an admin's
+    /language scope:channel), the person's client (a Discord client's language, QUILL_LOCALE),
+    the message's language, the place's (a guild's preferred locale, the system's), English."""
+    for candidate in (mine, channel, client):
         if found := normalize(candidate):
             return found
     fallback = normalize(place) or DEFAULT_LOCALE

@@ -27,9 +27,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from bot.models import Conversation, Message, ScopeSetting, utcnow
+from bot.models import Conversation, Message, ScopeSetting, UserSetting, utcnow
 from bot.textindex import index_text
-from bot.types import QuillError
+from bot.types import QuillError, Text
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def off_loop(fn: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except OperationalError as exc:
-            raise StorageError(f"The database is unavailable: {exc.orig}") from exc
+            raise StorageError(Text("The database is unavailable: {reason}", reason=str(exc.orig))) from exc
 
     return wrapper
 
@@ -281,29 +281,38 @@ class Memory:
     # -- settings --------------------------------------------------------------------------
 
     @off_loop
-    def get_settings(self, guild_id: str, channel_id: str, namespace: str) -> dict[str, Any]:
-        """The stored `<namespace>.<field>` settings of one scope (channel_id "": the guild's)."""
+    def get_settings(self, guild_id: str, channel_id: str, namespace: str, user_id: str = "") -> dict[str, Any]:
+        """The stored `<namespace>.<field>` settings of one scope (channel_id "": the guild's;
+        a user_id: that person's, in guild_id or, with guild_id "", everywhere)."""
+        table, ids = _setting_scope(guild_id, channel_id, user_id)
         with Session(self.engine) as session:
             rows = session.exec(
-                select(ScopeSetting).where(
-                    ScopeSetting.guild_id == guild_id,
-                    ScopeSetting.channel_id == channel_id,
-                    col(ScopeSetting.key).startswith(f"{namespace}."),
+                select(table).where(
+                    *(getattr(table, name) == value for name, value in ids.items()),
+                    col(table.key).startswith(f"{namespace}."),
                 )
             )
             return {row.key: json.loads(row.value) for row in rows}
 
     @off_loop
-    def set_settings(self, guild_id: str, channel_id: str, values: dict[str, Any], cleared: Sequence[str] = ()) -> None:
+    def set_settings(
+        self,
+        guild_id: str,
+        channel_id: str,
+        values: dict[str, Any],
+        cleared: Sequence[str] = (),
+        user_id: str = "",
+    ) -> None:
         """Store `values` and delete the `cleared` keys (back to their defaults), in one transaction."""
+        table, ids = _setting_scope(guild_id, channel_id, user_id)
         with Session(self.engine) as session:
             for key in cleared:
-                if (row := session.get(ScopeSetting, (guild_id, channel_id, key))) is not None:
+                if (row := session.get(table, {**ids, "key": key})) is not None:
                     session.delete(row)
             for key, value in values.items():
-                row = session.get(ScopeSetting, (guild_id, channel_id, key))
+                row = session.get(table, {**ids, "key": key})
                 if row is None:
-                    row = ScopeSetting(guild_id=guild_id, channel_id=channel_id, key=key, value="")
+                    row = table(**ids, key=key, value="")
                 row.value = json.dumps(value)
                 row.updated_at = utcnow()
                 session.add(row)
@@ -411,6 +420,15 @@ class Memory:
                 col(Message.conversation_id).in_(places), col(Message.created_at) < now - timedelta(days=days)
             )
             return conn.execute(query).rowcount
+
+
+def _setting_scope(guild_id: str, channel_id: str, user_id: str) -> tuple[type[Any], dict[str, str]]:
+    """The table one scope's settings live in and the key columns that pick the scope."""
+    if user_id:
+        if channel_id:
+            raise ValueError("a person's settings are stored per guild or everywhere, not per channel")
+        return UserSetting, {"user_id": user_id, "guild_id": guild_id}
+    return ScopeSetting, {"guild_id": guild_id, "channel_id": channel_id}
 
 
 def _personal_tables() -> list[tuple[Table, list[Column[Any]]]]:

@@ -93,6 +93,20 @@ class ScopeSetting(SQLModel, table=True):
     updated_at: datetime = _timestamp()
 
 
+class UserSetting(SQLModel, table=True):
+    """A person's own setting, stored as JSON text: everywhere (guild_id "", Red-DiscordBot's
+    user scope) or in one guild (its member scope). A table apart from `scope_setting` because
+    its rows are personal data: erased and exported with the rest of a person's."""
+
+    __tablename__ = "user_setting"
+
+    user_id: str = Field(max_length=64, primary_key=True, sa_column_kwargs={"info": PERSONAL})
+    guild_id: str = Field(default="", max_length=32, primary_key=True)
+    key: str = Field(max_length=64, primary_key=True)
+    value: str = Field(sa_column=Column(Text, nullable=False))
+    updated_at: datetime = _timestamp()
+
+
 # --- Fine-tuning (bot/builtin/finetune.py) ---------------------------------------------------------
 
 

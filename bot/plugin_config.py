@@ -4,7 +4,10 @@ A plugin declares, in its `register_settings` hook:
 - `PluginSettings` subclasses: global settings read from the environment and `.env`, each field
   `QUILL_<PLUGIN>_<FIELD>` (a class may set its own `env_prefix`);
 - `GuildSettings` / `ChannelSettings` subclasses: defaults of what admins change per guild or
-  per channel, stored in `scope_setting` under keys namespaced by the plugin (`moderate.terms`).
+  per channel, stored in `scope_setting` under keys namespaced by the plugin (`moderate.terms`);
+- `UserSettings` / `MemberSettings` subclasses: what each person sets for themselves, everywhere
+  or in one guild (Red's `register_user` / `register_member`), stored in `user_setting`, a
+  person's data like their messages (erased by /forget me, listed by /export me).
 
 Each is a pydantic model, so a value is validated where it is declared, and its JSON schema
 (types, descriptions, choices, bounds) is what a settings form is rendered from. Red-DiscordBot's
@@ -26,7 +29,7 @@ from bot.types import QuillError
 
 log = logging.getLogger(__name__)
 
-Scope = Literal["global", "guild", "channel"]
+Scope = Literal["global", "guild", "channel", "member", "user"]
 
 
 class PluginSettings(BaseSettings):
@@ -55,6 +58,20 @@ class GuildSettings(ScopedSettings):
 
 class ChannelSettings(ScopedSettings):
     scope: ClassVar[Scope] = "channel"
+
+
+class UserSettings(ScopedSettings):
+    """One person's own settings, the same in every guild and DM (a language)."""
+
+    scope: ClassVar[Scope] = "user"
+    admin: ClassVar[bool] = False
+
+
+class MemberSettings(ScopedSettings):
+    """One person's own settings in one guild."""
+
+    scope: ClassVar[Scope] = "member"
+    admin: ClassVar[bool] = False
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -108,7 +125,8 @@ class SettingsRegistry:
         value stops start-up with pydantic's message naming the variable."""
         if not isinstance(getattr(model, "scope", None), str):
             raise TypeError(
-                f"plugin {plugin}: {model.__name__} is not a PluginSettings, GuildSettings or ChannelSettings"
+                f"plugin {plugin}: {model.__name__} is not a PluginSettings, GuildSettings, ChannelSettings, "
+                "UserSettings or MemberSettings"
             )
         if model in self.declared:
             raise ValueError(f"plugin {plugin}: {model.__name__} is already registered")

@@ -13,6 +13,7 @@ import pluggy
 
 from bot import hookspecs
 from bot.i18n import add_catalog_folder
+from bot.prompts import add_prompt_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def _register(pm: pluggy.PluginManager, name: str, load) -> None:
     except Exception:
         log.exception("plugin %s failed to load and is disabled", name)
     else:
-        # A plugin's own catalogs sit in `locale/` beside its module, as its prompts would.
+        # A plugin's own catalogs sit in `locale/` beside its module, its prompts in `prompts/`.
         if where := getattr(plugin, "__file__", None):
             add_catalog_folder(Path(where).parent / "locale")
+            add_prompt_folder(Path(where).parent / "prompts")
         log.debug("plugin %s registered", name)

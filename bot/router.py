@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from bot.api import PluginContext
 from bot.hooks import deadline
-from bot.i18n import LanguageChannel, _, error_text, locale_scope, resolve
+from bot.i18n import LanguageChannel, LanguageUser, _, error_text, locale_scope, resolve
 from bot.types import Command, OptionError, QuillError, Reply, Request
 
 log = logging.getLogger(__name__)
@@ -104,21 +104,23 @@ class Router:
         return "\n".join(lines)
 
     async def localized(self, request: Request, text: str | None = None) -> Request:
-        """`request` with the locale it is answered in (bot/i18n.py `resolve`): an admin's
-        /language for the place first, then the transport's user locale, the language of `text`
+        """`request` with the locale it is answered in (bot/i18n.py `resolve`): the person's own
+        /language first, then the channel's, the transport's user locale, the language of `text`
         (the message without its command name; a document's, /kb-add's, says nothing of whom it
         answers), the place's locale, English."""
-        chosen = ""
-        if request.channel_id:
-            try:
-                chosen = (await self.context.scoped(LanguageChannel, request.place)).locale
-            except QuillError as exc:  # the database is down: answer anyway, in the other ways' language
-                log.warning("language setting unreadable: %s", exc)
+        mine = channel = ""
+        try:
+            if request.author_id:
+                mine = (await self.context.scoped(LanguageUser, request.place, user=request.author_id)).locale
+            if request.channel_id:
+                channel = (await self.context.scoped(LanguageChannel, request.place)).locale
+        except QuillError as exc:  # the database is down: answer anyway, in the other ways' language
+            log.warning("language setting unreadable: %s", exc)
         if text is None:
             text = request.text
         if (command := self.commands.get(request.command or "")) is not None and command.document:
             text = ""
-        locale = resolve(chosen=chosen, user=request.locale, text=text, place=request.place_locale)
+        locale = resolve(mine=mine, channel=channel, client=request.locale, text=text, place=request.place_locale)
         return replace(request, locale=locale)
 
     async def handle(self, request: Request) -> Reply:

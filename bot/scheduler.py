@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Engine, text
 
 from bot.api import Place, Reply, Request
 from bot.config import Settings
-from bot.types import QuillError
+from bot.types import QuillError, Text
 
 log = logging.getLogger(__name__)
 
@@ -82,38 +82,56 @@ class JobInfo:
 def parse_when(spec: str, default_tz: str) -> CronTrigger:
     """`daily HH:MM [TZ]`, `weekly DAY HH:MM [TZ]` or `cron M H DOM MON DOW [TZ]` as a trigger."""
     words = spec.split()
-    usage = (
+    usage = Text(
         "Say when as `daily HH:MM [Time/Zone]`, `weekly mon HH:MM [Time/Zone]` or "
         "`cron MIN HOUR DAY MONTH WEEKDAY [Time/Zone]` (e.g. `cron 0 9 * * mon-fri Europe/Paris`)."
     )
     if not words:
-        raise ScheduleError(f"No schedule given. {usage}")
+        raise ScheduleError(Text("No schedule given. {usage}", usage=usage))
     kind, rest = words[0].lower(), words[1:]
     fixed = {"daily": 1, "weekly": 2, "cron": 5}.get(kind)
     if fixed is None:
-        raise ScheduleError(f"Unknown schedule kind {words[0]!r}. {usage}")
+        raise ScheduleError(Text("Unknown schedule kind {kind}. {usage}", kind=repr(words[0]), usage=usage))
     if len(rest) not in (fixed, fixed + 1):
-        raise ScheduleError(f"`{kind}` takes {fixed} value(s) and an optional time zone. {usage}")
+        raise ScheduleError(
+            Text(
+                "`{kind}` takes {count} value(s) and an optional time zone. {usage}",
+                kind=kind,
+                count=fixed,
+                usage=usage,
+            )
+        )
     fields, tz_name = rest[:fixed], rest[fixed] if len(rest) > fixed else default_tz
     try:
         tz = ZoneInfo(tz_name)
     except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder such as 'Europe'
-        raise ScheduleError(f"Unknown time zone {tz_name!r}; use an IANA name like Europe/Paris.") from None
+        raise ScheduleError(
+            Text("Unknown time zone {zone}; use an IANA name like Europe/Paris.", zone=repr(tz_name))
+        ) from None
     if kind == "cron":
         try:
             return CronTrigger.from_crontab(" ".join(fields), timezone=tz)
         except ValueError as exc:
-            raise ScheduleError(f"Bad cron expression {' '.join(fields)!r}: {exc}. {usage}") from None
+            raise ScheduleError(
+                Text(
+                    "Bad cron expression {expression}: {problem}. {usage}",
+                    expression=repr(" ".join(fields)),
+                    problem=str(exc),
+                    usage=usage,
+                )
+            ) from None
     day = None
     if kind == "weekly":
         day = fields[0].lower()[:3]
         if day not in WEEKDAYS:
-            raise ScheduleError(f"Unknown weekday {fields[0]!r}; use one of {', '.join(WEEKDAYS)}.")
+            raise ScheduleError(
+                Text("Unknown weekday {day}; use one of {days}.", day=repr(fields[0]), days=", ".join(WEEKDAYS))
+            )
     hour, sep, minute = fields[-1].partition(":")
     if not (
         sep and _TWO_DIGITS.fullmatch(hour) and _TWO_DIGITS.fullmatch(minute) and int(hour) < 24 and int(minute) < 60
     ):
-        raise ScheduleError(f"Bad time {fields[-1]!r}; use 24-hour HH:MM, e.g. 09:30.")
+        raise ScheduleError(Text("Bad time {time}; use 24-hour HH:MM, e.g. 09:30.", time=repr(fields[-1])))
     return CronTrigger(day_of_week=day, hour=int(hour), minute=int(minute), timezone=tz)
 
 
@@ -295,10 +313,10 @@ class Scheduler:
         """Schedule `command` (e.g. "/digest") to run in `place`, its reply posted to `target`.
         Re-adding an id replaces that job."""
         if not job_id or len(job_id) > 100 or not job_id.replace("-", "").replace("_", "").isalnum():
-            raise ScheduleError("A job name uses letters, digits, - and _ (at most 100).")
+            raise ScheduleError(Text("A job name uses letters, digits, - and _ (at most 100)."))
         name, _, args = command.strip().removeprefix("/").partition(" ")
         if not name:
-            raise ScheduleError("Say which command the job runs, e.g. /digest.")
+            raise ScheduleError(Text("Say which command the job runs, e.g. /digest."))
         trigger = parse_when(when, self.settings.scheduler_timezone)
         spec = {
             "command": name.lower(),
@@ -323,7 +341,7 @@ class Scheduler:
     async def get(self, job_id: str) -> JobInfo:
         job = await asyncio.to_thread(self.aps.get_job, job_id, COMMANDS)
         if job is None:
-            raise ScheduleError(f"No scheduled job named {job_id!r}. /schedule list shows them.")
+            raise ScheduleError(Text("No scheduled job named {name}. /schedule list shows them.", name=repr(job_id)))
         return _info(job)
 
     async def jobs(self) -> list[JobInfo]:
@@ -344,14 +362,16 @@ class Scheduler:
         """Run a job here and now (paused or not, leader or not), outside its schedule."""
         job = await asyncio.to_thread(self.aps.get_job, job_id, COMMANDS)
         if job is None:
-            raise ScheduleError(f"No scheduled job named {job_id!r}. /schedule list shows them.")
+            raise ScheduleError(Text("No scheduled job named {name}. /schedule list shows them.", name=repr(job_id)))
         return await self.execute(**job.kwargs)
 
     async def _modify(self, action: Callable[[str, str], object], job_id: str) -> None:
         try:
             await asyncio.to_thread(action, job_id, COMMANDS)
         except JobLookupError:
-            raise ScheduleError(f"No scheduled job named {job_id!r}. /schedule list shows them.") from None
+            raise ScheduleError(
+                Text("No scheduled job named {name}. /schedule list shows them.", name=repr(job_id))
+            ) from None
 
     async def execute(self, **spec: Any) -> Reply:
         """Run a job's command in its place and post the finished reply to its target.

@@ -68,10 +68,13 @@ def source_label(hit: Hit, place: Place) -> str:
     """How a source is named in the prompt and under the answer: a document's name, or a
     message's author, date and id (a jump link on Discord)."""
     if hit.kind == "doc":
-        return f"document “{hit.name}”" + (f" › {hit.heading}" if hit.heading and hit.heading != hit.name else "")
-    when = f" on {hit.created_at:%Y-%m-%d}" if hit.created_at else ""
-    where = message_link(place, hit.message_id, hit.channel_id) or f"message {hit.message_id}"
-    return f"{hit.author}{when}, {where}"
+        if hit.heading and hit.heading != hit.name:
+            return _("document “{name}” › {heading}", name=hit.name, heading=hit.heading)
+        return _("document “{name}”", name=hit.name)
+    where = message_link(place, hit.message_id, hit.channel_id) or _("message {id}", id=hit.message_id)
+    if hit.created_at:
+        return _("{author} on {date}, {where}", author=hit.author, date=f"{hit.created_at:%Y-%m-%d}", where=where)
+    return _("{author}, {where}", author=hit.author, where=where)
 
 
 async def fit_sources(ctx: PluginContext, hits: list[Hit]) -> list[str]:

@@ -30,6 +30,7 @@ from bot.api import (
     Request,
     _,
     hookimpl,
+    language_code,
     language_label,
 )
 
@@ -70,8 +71,11 @@ def _sentences(chunk: str) -> list[Segment]:
 
 
 def resolve_language(name: str) -> Language | None:
-    """A language from its English name or ISO 639-1/639-3 code, any case."""
+    """A language from its ISO 639-1/639-3 code or its name in English, in Chinese or in itself
+    (`fr`, `German`, `中文`, `英文`, `日本語`, `español`), any case."""
     key = name.strip().casefold()
+    if code := language_code(name):
+        key = code.split("_")[0].casefold()  # zh_Hant: Chinese all the same
     for language in Language.all():
         codes = (language.name, language.iso_code_639_1.name, language.iso_code_639_3.name)
         if key in (c.casefold() for c in codes):

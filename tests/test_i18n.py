@@ -4,6 +4,7 @@ is marked, and each request is answered in the language it resolves to."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import string
 import textwrap
@@ -15,12 +16,18 @@ import pytest
 from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
-from bot import i18n, plugins
-from bot.api import Request
+from bot import charts, i18n, plugins, prompts
+from bot.api import Hit, Place, Request
 from bot.app import Quill
+from bot.builtin import finetune
 from bot.config import REPO_ROOT
-from bot.i18n import EXTRACT_METHODS, KEYWORDS, LOCALE_DIR, _, gettext_in, locale_scope, resolve
-from plugins.qa import NOTHING_FOUND
+from bot.engine import ContextOverflow, reply_room
+from bot.i18n import EXTRACT_METHODS, KEYWORDS, LOCALE_DIR, _, error_text, gettext_in, locale_scope, resolve
+from bot.models import FinetuneRun
+from bot.prompts import BUILTIN_PROMPTS, PromptLoader
+from bot.scheduler import ScheduleError, parse_when
+from plugins.digest import MOOD_NAMES, chart
+from plugins.qa import NOTHING_FOUND, source_label
 
 CATALOGS = {locale: LOCALE_DIR / locale.replace("-", "_") / "LC_MESSAGES" / "quill.po" for locale in ("zh-CN", "zh-TW")}
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -121,20 +128,47 @@ def test_the_check_catches_unmarked_replies_and_passes_marked_ones() -> None:
     assert [line.split(":")[0] for line in unmarked_sinks(source)] == ["2", "3", "4", "5"]
 
 
-def test_the_locale_is_the_admins_choice_then_the_users_then_the_messages_then_the_places() -> None:
-    assert resolve(chosen="zh-CN", user="en-US", text="hello there friends", place="en-US") == "zh-CN"
-    assert resolve(chosen="", user="zh-CN", text="how do I deploy this", place="en-US") == "zh-CN"
-    assert resolve(chosen="", user="en-GB", text="怎么部署？", place="zh-CN") == "en"
-    assert resolve(chosen="", user="", text="怎么部署到测试环境？", place="en-US") == "zh-CN"
-    assert resolve(chosen="", user="", text="how do I deploy to staging?", place="zh-CN") == "en"
-    assert resolve(chosen="", user="", text="ok", place="zh-CN") == "zh-CN"  # too short to tell
-    assert resolve(chosen="", user="fr", text="bonjour à tous", place="") == "en"  # no French texts
-    assert resolve(chosen="", user="", text="これは日本語です", place="") == "en"  # kana: not Chinese
-    assert resolve(chosen="", user="zh-TW", text="", place="") == "zh-TW"
-    assert resolve(chosen="", user="zh-Hant", text="", place="") == "zh-TW"
-    assert (
-        resolve(chosen="", user="", text="怎麼部署到測試環境？", place="zh-HK") == "zh-CN"
-    )  # script alone: Simplified
+def test_the_locale_is_the_persons_choice_then_the_channels_then_the_clients_then_the_messages_then_the_places() -> (
+    None
+):
+    def pick(mine: str = "", channel: str = "", client: str = "", text: str = "", place: str = "") -> str:
+        return resolve(mine=mine, channel=channel, client=client, text=text, place=place)
+
+    assert pick(mine="en", channel="zh-CN", client="zh-CN", text="怎么部署？", place="zh-CN") == "en"
+    assert pick(mine="zh-CN", channel="en", client="en-US", text="hello there friends", place="en-US") == "zh-CN"
+    assert pick(channel="zh-CN", client="en-US", text="hello there friends", place="en-US") == "zh-CN"
+    assert pick(client="zh-CN", text="how do I deploy this", place="en-US") == "zh-CN"
+    assert pick(client="en-GB", text="怎么部署？", place="zh-CN") == "en"
+    assert pick(text="怎么部署到测试环境？", place="en-US") == "zh-CN"
+    assert pick(text="how do I deploy to staging?", place="zh-CN") == "en"
+    assert pick(text="ok", place="zh-CN") == "zh-CN"  # too short to tell
+    assert pick(client="fr", text="bonjour à tous") == "en"  # no French texts
+    assert pick(text="これは日本語です") == "en"  # kana: not Chinese
+    assert pick(client="zh-TW") == "zh-TW"
+    assert pick(client="zh-Hant") == "zh-TW"
+    assert pick(text="怎麼部署到測試環境？", place="zh-HK") == "zh-CN"  # script alone: Simplified
+
+
+def test_languages_are_understood_by_their_names_in_english_chinese_and_their_own() -> None:
+    codes = {name: i18n.language_code(name) for name in ("中文", "Chinese", "汉语", "英语", "英文", "English")}
+    assert codes == {"中文": "zh", "Chinese": "zh", "汉语": "zh", "英语": "en", "英文": "en", "English": "en"}
+    assert [i18n.language_code(n) for n in ("日本語", "日文", "français", "法语", "Deutsch", "ＦＲ")] == [
+        "ja",
+        "ja",
+        "fr",
+        "fr",
+        "de",
+        "fr",
+    ]
+    assert i18n.language_code("klingonese") is None
+    assert [i18n.normalize(n) for n in ("中文", "简体中文", "繁體中文", "英文", "zh_TW.UTF-8")] == [
+        "zh-CN",
+        "zh-CN",
+        "zh-TW",
+        "en",
+        "zh-TW",
+    ]
+    assert i18n.normalize("日本語") is None  # a language quill has no texts in
 
 
 def test_numbers_and_plurals_follow_the_locale() -> None:
@@ -218,19 +252,61 @@ async def test_help_in_zh_cn_lists_every_command_with_a_chinese_description(app:
     assert english.startswith("Commands:") and not CJK.search(english)
 
 
-async def test_an_admins_language_for_a_channel_comes_before_everything_else(app: Quill) -> None:
-    assert (await app.router.handle(request("/language zh-CN", is_admin=True))).text == (
+async def test_an_admins_language_for_a_channel_comes_before_the_client_and_the_message(app: Quill) -> None:
+    assert (await app.router.handle(request("/language scope:channel zh-CN", is_admin=True))).text == (
         "现在，quill 在此频道中使用 zh-CN 回答。"
     )
     nothing = await app.router.handle(request("/ask how long is the lunch break?", locale="en-US"))
     assert nothing.text == gettext_in("zh-CN", NOTHING_FOUND)
     elsewhere = await app.router.handle(request("/ask how long is the lunch break?", channel_id="other"))
     assert elsewhere.text == NOTHING_FOUND
-    refused = await app.router.handle(request("/language klingon", is_admin=True))
+    refused = await app.router.handle(request("/language scope:channel klingon", is_admin=True))
     assert refused.failed and "klingon" in refused.text
-    back = await app.router.handle(request("/language auto", is_admin=True))
+    back = await app.router.handle(request("/language scope:channel auto", is_admin=True))
     assert back.text == "现在，quill 在这里用每个人自己的语言回答。"  # said in the language it was asked in
     assert (await app.router.handle(request("/ask how long is the lunch break?"))).text == NOTHING_FOUND
+
+
+async def test_a_persons_own_language_comes_first_everywhere_and_only_for_them(app: Quill) -> None:
+    mine = await app.router.handle(request("/language 中文", author_id="u2"))
+    assert not mine.failed and mine.text == "现在，无论你在哪里找 quill，它都用 zh-CN 回答你。"
+    for where in ({}, {"channel_id": "other"}, {"guild_id": "g2", "channel_id": "x"}, {"guild_id": "", "is_dm": True}):
+        english = request("/ask how long is the lunch break?", author_id="u2", locale="en-US", **where)
+        assert (await app.router.handle(english)).text == gettext_in("zh-CN", NOTHING_FOUND), where
+    others = await app.router.handle(request("/ask how long is the lunch break?", author_id="u3"))
+    assert others.text == NOTHING_FOUND  # an English user in the same channel still gets English
+    # Their own choice beats the channel's: English for u4 in a channel set to Chinese.
+    await app.router.handle(request("/language scope:channel zh-CN", is_admin=True))
+    await app.router.handle(request("/language en", author_id="u4"))
+    assert (await app.router.handle(request("/ask 午饭几点？", author_id="u4"))).text == NOTHING_FOUND
+    shown = await app.router.handle(request("/language", author_id="u4"))
+    assert shown.text.splitlines() == [
+        "quill answers you in en, as you chose (/language auto undoes it).",
+        "quill answers in zh-CN in this channel.",
+    ]
+    shown = await app.router.handle(request("/language", author_id="u3", locale="en-US"))
+    assert shown.text.splitlines()[0].startswith("你没有选择语言")  # the channel's Chinese, for u3
+    # A channel's language is an admin's to set; a person's own is anyone's.
+    refused = await app.router.handle(request("/language scope:channel en", author_id="u3"))
+    assert refused.failed and refused.text == "只有管理员能设置频道的语言。只为你自己设置：/language en"
+    assert (await app.router.handle(request("/language scope:everyone en"))).failed
+    back = await app.router.handle(request("/language auto", author_id="u2", channel_id="other"))
+    assert back.text.startswith("现在，quill 用此频道的语言回答你")  # said in the language it was asked in
+    again = request("/ask how long is the lunch break?", author_id="u2", channel_id="other", locale="en-US")
+    assert (await app.router.handle(again)).text == NOTHING_FOUND
+    assert await app.memory.get_settings("", "", "language", "u4") == {"language.locale": "en"}
+    assert await app.memory.get_settings("", "", "language", "u2") == {}
+
+
+async def test_a_persons_language_is_their_data_erased_and_exported_with_the_rest(app: Quill) -> None:
+    await app.router.handle(request("/language zh-TW", author_id="u5"))
+    await app.router.handle(request("/language en", author_id="u6"))
+    exported = await app.memory.export_user("u5")
+    assert [row["value"] for row in exported["user_setting"]] == ['"zh-TW"']
+    erased = await app.router.handle(request("/forget me", author_id="u5"))
+    assert not erased.failed and "user_setting" in erased.text
+    assert await app.memory.get_settings("", "", "language", "u5") == {}
+    assert await app.memory.get_settings("", "", "language", "u6") == {"language.locale": "en"}
 
 
 @pytest.mark.parametrize(
@@ -262,3 +338,156 @@ async def test_a_streamed_reply_and_its_failure_are_in_the_requests_language(
     assert reply.stream is not None
     text = "".join([p async for p in reply.stream])
     assert text.startswith(first) and apology in text and reply.failed
+
+
+def test_a_prompt_comes_in_the_requests_language_where_one_is_written_else_the_default(tmp_path: Path) -> None:
+    team = tmp_path / "team"
+    (team / "zh-CN").mkdir(parents=True)
+    (team / "greet.j2").write_text("Say hello to {{ name }}.", encoding="utf-8")
+    (team / "zh-CN" / "greet.j2").write_text("向 {{ name }} 问好。", encoding="utf-8")
+    (team / "bye.j2").write_text("Say goodbye.", encoding="utf-8")
+    loader = PromptLoader(team)
+    with locale_scope("zh-CN"):
+        assert loader.render("greet", name="小明") == "向 小明 问好。"
+        assert loader.render("bye") == "Say goodbye."  # no Chinese one: the default
+        assert loader.render("greet", locale="en", name="Ada") == "Say hello to Ada."
+    assert loader.render("greet", name="Ada") == "Say hello to Ada."
+    assert loader.render("greet", locale="zh-TW", name="Ada") == "Say hello to Ada."  # none for zh-TW
+    # A team's override of a built-in prompt applies in every language it has not written.
+    (team / "chat_system.j2").write_text("Team chat prompt for {{ bot_name }}.", encoding="utf-8")
+    assert loader.render("chat_system", locale="zh-CN", bot_name="quill") == "Team chat prompt for quill."
+    with pytest.raises(LookupError, match="nosuch"):
+        loader.render("nosuch", locale="zh-CN")
+
+
+def test_a_plugin_ships_its_own_prompts_beside_its_module(tmp_path: Path) -> None:
+    (tmp_path / "prompts" / "zh-CN").mkdir(parents=True)
+    (tmp_path / "prompts" / "greeter_system.j2").write_text("Greet warmly.", encoding="utf-8")
+    (tmp_path / "prompts" / "zh-CN" / "greeter_system.j2").write_text("热情地问好。", encoding="utf-8")
+    module = types.ModuleType("greeter")
+    module.__file__ = str(tmp_path / "greeter.py")
+    try:
+        plugins._register(pluggy.PluginManager("quill"), "greeter", lambda: module)
+        loader = PromptLoader(BUILTIN_PROMPTS)
+        assert loader.render("greeter_system") == "Greet warmly."
+        assert loader.render("greeter_system", locale="zh-CN") == "热情地问好。"
+        assert loader.render("chat_system", bot_name="quill").startswith("You are quill")  # quill's own still served
+    finally:
+        prompts._plugin_folders.remove(tmp_path / "prompts")
+        prompts._environment.cache_clear()
+        i18n.available.cache_clear()
+
+
+def test_finetune_status_lines_come_in_the_readers_language() -> None:
+    figures = {
+        "groups": {"groups": 5, "exchanges": 12, "train": 3, "heldout": 2},
+        "losses": [2.5, 1.25],
+        "heldout": {"base": 2.0, "adapter": 1.5, "examples": 4},
+        "decision": {"deploy": True, "reason": "held-out NLL fell -25.0%"},
+    }
+    run = FinetuneRun(
+        id=3, status="deployed", base_model="m", dataset_path="d/7", dataset_sha256="x", n_train=12, n_heldout=4
+    )
+    run.nll_before, run.nll_after, run.figures = 2.0, 1.5, json.dumps(figures)
+    english = [finetune.describe(run), *finetune.details(run)]
+    assert english == [
+        "deployed (served now), held-out NLL/token 2.000 -> 1.500; dataset d/7 (12 train, 4 held out)",
+        "  groups of distinct questions: 5 among 12 exchanges (3 train, 2 held out)",
+        "  train loss: 2 steps, 2.500 -> 1.250 (lowest 1.250)",
+        "  held-out NLL/answer token: base 2.000, adapter 1.500 (-25.0%; 4 exchanges)",
+        "  deploy: held-out NLL fell -25.0%",
+    ]
+    with locale_scope("zh-CN"):
+        chinese = [finetune.describe(run), *finetune.details(run)]
+    assert chinese == [
+        "已部署（正在使用），留出集每词元 NLL 2.000 -> 1.500；数据集 d/7（12 条训练，4 条留出）",
+        "  不同问题的组数：12 条问答中有 5 组（3 组训练，2 组留出）",
+        "  训练损失：2 步，2.500 -> 1.250（最低 1.250）",
+        "  留出集每个回答词元的 NLL：基础模型 2.000，适配器 1.500（-25.0%；4 条问答）",
+        "  部署：held-out NLL fell -25.0%",  # the gate's reason is stored as written, in English
+    ]
+
+
+@pytest.mark.parametrize(
+    ("locale", "expected"),
+    [
+        ("en", "Bad time '25:00'; use 24-hour HH:MM, e.g. 09:30."),
+        ("zh-CN", "时间 '25:00' 有误；请用 24 小时制 HH:MM，例如 09:30。"),
+        ("zh-TW", "時間 '25:00' 有誤；請用 24 小時制 HH:MM，例如 09:30。"),
+    ],
+)
+def test_errors_raised_deep_in_the_core_are_translated_where_they_are_shown(locale: str, expected: str) -> None:
+    with pytest.raises(ScheduleError) as raised:
+        parse_when("daily 25:00", "UTC")
+    assert str(raised.value) == "Bad time '25:00'; use 24-hour HH:MM, e.g. 09:30."  # the log's, English
+    with locale_scope(locale):
+        assert error_text(raised.value) == expected
+    with pytest.raises(ContextOverflow) as overflow:
+        reply_room(5000, 4096)
+    with locale_scope(locale):
+        shown = error_text(overflow.value)
+    assert ("5,000" in shown and "4,096" in shown) and (bool(CJK.search(shown)) == (locale != "en"))
+
+
+async def test_a_chinese_user_gets_the_schedule_error_in_chinese(app: Quill) -> None:
+    reply = await app.router.handle(request("/schedule add 日报 daily 25:00 /digest", is_admin=True, locale="zh-CN"))
+    assert reply.failed and "时间 '25:00' 有误" in reply.text
+    reply = await app.router.handle(request("/schedule add daily-report daily 25:00 /digest", is_admin=True))
+    assert reply.failed and "Bad time '25:00'" in reply.text
+
+
+CHART_LABELS = [
+    *MOOD_NAMES.values(),
+    *finetune.CHART_BARS.values(),
+    "Messages per day, by mood",
+    "fine-tune run {id}: {status}",
+    "train loss per step ({count} steps)",
+    "last {loss}",
+    "NLL per answer token: base | adapter",
+    *finetune.STATUSES.values(),
+]
+
+
+@pytest.mark.parametrize("locale", sorted(CATALOGS))
+def test_every_chart_label_can_be_drawn_in_chinese(locale: str) -> None:
+    """Pillow's own font has no Chinese glyphs: the charts' font must hold every character of
+    their translated labels (else `python -m bot.charts FONT` cuts it again)."""
+    from fontTools.ttLib import TTFont
+
+    have = set(TTFont(charts.FONT)["cmap"].getBestCmap())
+    for label in CHART_LABELS:
+        translated = gettext_in(locale, label)
+        assert translated != label, label
+        missing = {c for c in translated if ord(c) not in have}
+        assert not missing, (label, missing)
+    with locale_scope(locale):
+        font = charts.chart_font(13)
+    # A glyph the font has differs from the box drawn for one it lacks.
+    assert drawn("每", font) != drawn("\U000f0000", font)
+
+
+def drawn(text: str, font: object) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (40, 40))
+    ImageDraw.Draw(image).text((4, 4), text, fill=255, font=font)
+    return image.tobytes()
+
+
+def test_the_digest_chart_is_drawn_with_the_readers_labels() -> None:
+    days = {"周一 12-01": {"positive": 3, "neutral": 2, "negative": 1}, "周二 12-02": {"neutral": 4}}
+    with locale_scope("zh-CN"):
+        legend = {label: _(name) for label, name in MOOD_NAMES.items()}
+        chinese = chart.draw(days, _("Messages per day, by mood"), legend)
+    assert legend == {"positive": "正面", "neutral": "中性", "negative": "负面"}
+    english = chart.draw(days, "Messages per day, by mood", {label: _(n) for label, n in MOOD_NAMES.items()})
+    assert chinese.startswith(b"\x89PNG") and english.startswith(b"\x89PNG") and chinese != english
+
+
+def test_an_answers_sources_are_named_in_the_readers_language() -> None:
+    doc = Hit(kind="doc", text="", score=1.0, name="常见问题", heading="午饭")
+    said = Hit(kind="message", text="", score=1.0, message_id="#7", author="Bea")
+    place = Place("console", "", "help")
+    assert [source_label(doc, place), source_label(said, place)] == ["document “常见问题” › 午饭", "Bea, message #7"]
+    with locale_scope("zh-CN"):
+        assert [source_label(doc, place), source_label(said, place)] == ["文档“常见问题” › 午饭", "Bea，消息 #7"]

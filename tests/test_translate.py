@@ -44,6 +44,24 @@ def test_languages_resolve_by_name_or_code() -> None:
     assert resolve_language("German") == Language.GERMAN
     assert resolve_language("spa") == Language.SPANISH
     assert resolve_language("klingon") is None
+    # Names in Chinese and each language's own name, as people type them.
+    assert resolve_language("中文") == resolve_language("繁體中文") == resolve_language("汉语") == Language.CHINESE
+    assert resolve_language("英文") == resolve_language("英语") == Language.ENGLISH
+    assert resolve_language("日本語") == resolve_language("日语") == Language.JAPANESE
+    assert resolve_language("français") == resolve_language("法文") == Language.FRENCH
+
+
+async def test_autotranslate_and_translate_take_a_language_named_in_chinese(app: Quill) -> None:
+    on = await app.router.handle(request("/autotranslate 中文", is_admin=True))
+    assert not on.failed and on.text == "此频道中不是中文的消息将被翻译成中文。"
+    assert await app.memory.get_settings("g1", "c1", "translate") == {"translate.auto": "ZH"}
+    english = await app.router.handle(request("/autotranslate 英文", is_admin=True, channel_id="c2"))
+    assert await app.memory.get_settings("g1", "c2", "translate") == {"translate.auto": "EN"}
+    assert english.text == "此频道中不是英语的消息将被翻译成英语。"  # asked in Chinese: said in Chinese
+    same = await app.router.handle(request("/translate to:中文 这句话本来就是用中文写的，不需要翻译。"))
+    assert same.text == "这已经是中文了。"
+    same = await app.router.handle(request("/translate to:English This sentence is already written in English."))
+    assert same.text == "That is already in English."
 
 
 async def test_translation_keeps_code_urls_mentions_emoji_and_markdown(app: Quill) -> None:

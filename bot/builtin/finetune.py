@@ -54,7 +54,9 @@ from bot.api import (
     Series,
     WebPage,
     WebRequest,
+    Text,
     _,
+    chart_font,
     error_text,
     hookimpl,
     line_chart,
@@ -239,9 +241,13 @@ class Dataset:
     n_heldout_groups: int = 0
 
     def summary(self) -> str:
-        return (
-            f"{self.n_train} train, {self.n_heldout} held out; {self.n_groups} groups of distinct "
-            f"questions, {self.n_heldout_groups} of them held out"
+        return _(
+            "{train} train, {heldout} held out; {groups} groups of distinct questions, {heldout_groups} of them "
+            "held out",
+            train=self.n_train,
+            heldout=self.n_heldout,
+            groups=self.n_groups,
+            heldout_groups=self.n_heldout_groups,
         )
 
 
@@ -357,8 +363,11 @@ async def export_dataset(ctx: PluginContext) -> Dataset:
     examples = await asyncio.to_thread(_exchanges, ctx.memory, enabled_key)
     if len(examples) < 2:
         raise FinetuneError(
-            f"Only {len(examples)} approved exchange(s) in enabled channels; approve answers with /good "
-            "in channels where /finetune enable was run."
+            Text(
+                "Only {count} approved exchange(s) in enabled channels; approve answers with /good in channels "
+                "where /finetune enable was run.",
+                count=len(examples),
+            )
         )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     folder = ctx.settings.data_dir / "finetune" / "datasets" / stamp
@@ -425,7 +434,7 @@ async def child(args: Sequence[str], log_path: Path) -> AsyncIterator[dict[str, 
                 proc.kill()
                 await proc.wait()
     if code != 0:
-        raise FinetuneError(f"The training process failed (exit {code}); see {log_path}.")
+        raise FinetuneError(Text("The training process failed (exit {code}); see {log}.", code=code, log=str(log_path)))
 
 
 def gate_problem(dataset: Dataset, min_heldout_groups: int) -> str | None:
@@ -488,7 +497,7 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
         figures["decision"] = {"deploy": False, "reason": problem}
         run.status, run.figures = "rejected", json.dumps(figures)
         await asyncio.to_thread(_save, ctx.memory, run)
-        yield f"run {run.id}: {describe(run)}\n"
+        yield _("run {id}: {summary}", id=run.id, summary=describe(run)) + "\n"
         return
     await asyncio.to_thread(_save, ctx.memory, run)
     out = adapter or folder / f"run-{run.id}.gguf"
@@ -504,10 +513,19 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
         async for event in child(args, folder / f"run-{run.id}.log"):
             if event["event"] == "step":
                 figures["losses"].append(event["loss"])
-                yield f"step {event['step']}/{event['steps']}  loss {event['loss']:.3f}\n"
+                yield _(
+                    "step {step}/{steps}  loss {loss}",
+                    step=event["step"],
+                    steps=event["steps"],
+                    loss=f"{event['loss']:.3f}",
+                )
+                yield "\n"
                 log.info("fine-tune run %s: %s", run.id, event)
             elif event["event"] == "start":
-                yield f"training on {dataset.n_train} exchanges, {event['steps']} steps\n"
+                yield (
+                    _("training on {count} exchanges, {steps} steps", count=dataset.n_train, steps=event["steps"])
+                    + "\n"
+                )
             elif event["event"] == "eval":
                 general = event["general"]
                 general["change"] = round(general["adapter"] / general["base"] - 1, 4)
@@ -528,7 +546,7 @@ async def run_finetune(ctx: PluginContext, dataset: Dataset, adapter: Path | Non
             run.status = "rejected"
     run.figures = json.dumps(figures)
     await asyncio.to_thread(_save, ctx.memory, run)
-    yield f"run {run.id}: {describe(run)}\n"
+    yield _("run {id}: {summary}", id=run.id, summary=describe(run)) + "\n"
 
 
 async def _serve(ctx: PluginContext, run: FinetuneRun) -> None:
@@ -546,29 +564,60 @@ async def deploy_anyway(ctx: PluginContext, run_id: int) -> str:
     overruled (the log, and the run's note that /finetune status shows)."""
     run = await asyncio.to_thread(_run, ctx.memory, run_id)
     if run is None:
-        raise FinetuneError(f"There is no fine-tune run {run_id}; /finetune status lists them.")
+        raise FinetuneError(Text("There is no fine-tune run {id}; /finetune status lists them.", id=run_id))
     if run.status == "deployed":
-        return f"Run {run.id}'s adapter is already served."
+        return _("Run {id}'s adapter is already served.", id=run.id)
     if not run.adapter_path or not Path(run.adapter_path).is_file():
-        raise FinetuneError(f"Run {run.id} has no adapter file to deploy ({run.status}).")
+        raise FinetuneError(
+            Text("Run {id} has no adapter file to deploy ({status}).", id=run.id, status=_status(run.status))
+        )
     reason = figures_of(run).get("decision", {}).get("reason", "no gate decision")
     await _serve(ctx, run)
     stamp = utcnow().strftime("%Y-%m-%d %H:%M UTC")
     run.note = f"{run.note}; " * bool(run.note) + f"deployed by an admin on {stamp} despite the gate ({reason})"
     await asyncio.to_thread(_save, ctx.memory, run)
     log.warning("fine-tune run %s deployed explicitly by an admin, overruling the gate: %s", run.id, reason)
-    return f"Run {run.id}'s adapter is served now, overruling the gate: {reason}. /finetune rollback undoes it."
+    return _(
+        "Run {id}'s adapter is served now, overruling the gate: {reason}. /finetune rollback undoes it.",
+        id=run.id,
+        reason=reason,
+    )
+
+
+# A run's status as /finetune status shows it.
+STATUSES = {
+    "training": N_("training"),
+    "deployed": N_("deployed (served now)"),
+    "failed": N_("failed"),
+    "retired": N_("retired"),
+    "rolled_back": N_("rolled back"),
+}
+
+
+def _status(status: str) -> str:
+    return _(STATUSES[status]) if status in STATUSES else status
 
 
 def describe(run: FinetuneRun) -> str:
-    figures = ""
-    if run.nll_before is not None and run.nll_after is not None:
-        figures = f", held-out NLL/token {run.nll_before:.3f} -> {run.nll_after:.3f}"
+    """A run on one line: its verdict, held-out figures, dataset and note. The gate's reason and
+    the note are stored as written when the run ended (in English)."""
     reason = figures_of(run).get("decision", {}).get("reason", "")
-    verdict = {"deployed": "deployed (served now)", "rejected": f"not deployed: {reason}"}.get(run.status, run.status)
-    note = f" ({run.note})" if run.note else ""
-    data = f"dataset {run.dataset_path} ({run.n_train} train, {run.n_heldout} held out)"
-    return f"{verdict}{figures}; {data}{note}"
+    verdict = _("not deployed: {reason}", reason=reason) if run.status == "rejected" else _status(run.status)
+    if run.nll_before is not None and run.nll_after is not None:
+        verdict = _(
+            "{verdict}, held-out NLL/token {before} -> {after}",
+            verdict=verdict,
+            before=f"{run.nll_before:.3f}",
+            after=f"{run.nll_after:.3f}",
+        )
+    data = _(
+        "dataset {path} ({train} train, {heldout} held out)",
+        path=run.dataset_path,
+        train=run.n_train,
+        heldout=run.n_heldout,
+    )
+    line = _("{verdict}; {dataset}", verdict=verdict, dataset=data)
+    return _("{summary} ({note})", summary=line, note=run.note) if run.note else line
 
 
 def details(run: FinetuneRun) -> list[str]:
@@ -577,20 +626,42 @@ def details(run: FinetuneRun) -> list[str]:
     lines = []
     if groups := f.get("groups"):
         lines.append(
-            f"groups of distinct questions: {groups['groups']} among {groups['exchanges']} exchanges "
-            f"({groups['train']} train, {groups['heldout']} held out)"
+            _(
+                "groups of distinct questions: {groups} among {exchanges} exchanges ({train} train, {heldout} "
+                "held out)",
+                groups=groups["groups"],
+                exchanges=groups["exchanges"],
+                train=groups["train"],
+                heldout=groups["heldout"],
+            )
         )
     if losses := f.get("losses"):
-        lines.append(f"train loss: {len(losses)} steps, {losses[0]:.3f} -> {losses[-1]:.3f} (lowest {min(losses):.3f})")
-    for key, name in (("heldout", "held-out"), ("general", "general-chat")):
+        lines.append(
+            _(
+                "train loss: {steps} steps, {first} -> {last} (lowest {lowest})",
+                steps=len(losses),
+                first=f"{losses[0]:.3f}",
+                last=f"{losses[-1]:.3f}",
+                lowest=f"{min(losses):.3f}",
+            )
+        )
+    names = {"heldout": N_("held-out NLL/answer token"), "general": N_("general-chat NLL/answer token")}
+    for key, name in names.items():
         if nll := f.get(key):
             change = nll["adapter"] / nll["base"] - 1 if nll["base"] else 0.0
             lines.append(
-                f"{name} NLL/answer token: base {nll['base']:.3f}, adapter {nll['adapter']:.3f} "
-                f"({change:+.1%}; {nll['examples']} exchanges)"
+                _(
+                    "{what}: base {base}, adapter {adapter} ({change}; {count} exchanges)",
+                    what=_(name),
+                    base=f"{nll['base']:.3f}",
+                    adapter=f"{nll['adapter']:.3f}",
+                    change=f"{change:+.1%}",
+                    count=nll["examples"],
+                )
             )
     if decision := f.get("decision"):
-        lines.append(("deploy: " if decision["deploy"] else "refused: ") + decision["reason"])
+        verdict = N_("deploy: {reason}") if decision["deploy"] else N_("refused: {reason}")
+        lines.append(_(verdict, reason=decision["reason"]))
     return [f"  {line}" for line in lines]
 
 
@@ -598,7 +669,7 @@ async def rollback(ctx: PluginContext) -> str:
     """Swap back to the adapter deployed before the current one, or to the base model."""
     current = await deployed(ctx.memory)
     if current is None:
-        return "No fine-tuned adapter is deployed; the base model is served."
+        return _("No fine-tuned adapter is deployed; the base model is served.")
     retired = await asyncio.to_thread(_runs, ctx.memory, "retired")
     previous = next((r for r in retired if Path(r.adapter_path).is_file()), None)
     await ctx.engine.set_adapter(Path(previous.adapter_path) if previous else None)
@@ -608,31 +679,35 @@ async def rollback(ctx: PluginContext) -> str:
         previous.status = "deployed"
         changed.append(previous)
     await asyncio.to_thread(_save, ctx.memory, *changed)
-    return f"Rolled back run {current.id}; now serving " + (
-        f"run {previous.id}'s adapter." if previous else "the base model."
-    )
+    if previous is None:
+        return _("Rolled back run {id}; now serving the base model.", id=current.id)
+    return _("Rolled back run {id}; now serving run {previous}'s adapter.", id=current.id, previous=previous.id)
+
+
+# The chart's NLL bars, named in the reader's language.
+CHART_BARS = {"heldout": N_("held-out"), "general": N_("general chat")}
 
 
 def chart(run: FinetuneRun, path: Path) -> Path | None:
     """Draw a run's figures as a PNG (train loss per step; held-out and general NLL, base against
     adapter) for people who would rather look than read; None when the run has no figures."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     f = figures_of(run)
     losses: list[float] = f.get("losses", [])
-    bars = [(name, f[key]) for key, name in (("heldout", "held-out"), ("general", "general chat")) if key in f]
+    bars = [(_(name), f[key]) for key, name in CHART_BARS.items() if key in f]
     if not losses and not bars:
         return None
     width, height, pad = 760, 300, 36
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    verdict = "deployed" if f.get("decision", {}).get("deploy") else run.status
-    draw.text((pad, 8), f"fine-tune run {run.id}: {verdict}", fill="black", font=font)
+    font = chart_font(11)
+    verdict = _status("deployed" if f.get("decision", {}).get("deploy") else run.status)
+    draw.text((pad, 8), _("fine-tune run {id}: {status}", id=run.id, status=verdict), fill="black", font=font)
     # Left: train loss per step.
     left, top, right, bottom = pad, pad, width // 2 - pad // 2, height - pad
     draw.rectangle((left, top, right, bottom), outline="#999999")
-    draw.text((left, bottom + 6), f"train loss per step ({len(losses)} steps)", fill="black", font=font)
+    draw.text((left, bottom + 6), _("train loss per step ({count} steps)", count=len(losses)), fill="black", font=font)
     if losses:
         high, low = max(losses), min(0.0, *losses)
         span = high - low or 1.0
@@ -642,11 +717,11 @@ def chart(run: FinetuneRun, path: Path) -> Path | None:
         ]
         draw.line(points if len(points) > 1 else points * 2, fill="#1f77b4", width=2)
         draw.text((left + 4, top + 2), f"{high:.2f}", fill="#555555", font=font)
-        draw.text((right - 60, bottom - 14), f"last {losses[-1]:.2f}", fill="#555555", font=font)
+        draw.text((right - 60, bottom - 14), _("last {loss}", loss=f"{losses[-1]:.2f}"), fill="#555555", font=font)
     # Right: NLL per answer token, base (grey) against adapter (green: better, red: worse).
     left, right = width // 2 + pad // 2, width - pad
     draw.rectangle((left, top, right, bottom), outline="#999999")
-    draw.text((left, bottom + 6), "NLL per answer token: base | adapter", fill="black", font=font)
+    draw.text((left, bottom + 6), _("NLL per answer token: base | adapter"), fill="black", font=font)
     scale = max([max(n["base"], n["adapter"]) for _, n in bars], default=1.0) or 1.0
     slot = (right - left) / max(len(bars), 1)
     for i, (name, nll) in enumerate(bars):
@@ -669,8 +744,8 @@ async def status(ctx: PluginContext) -> Reply:
     runs = await asyncio.to_thread(_runs, ctx.memory)
     if not runs:
         return Reply(_("No fine-tune runs yet.") + ("" if training_available() else " " + _(HOW_TO_ENABLE)))
-    lines = [f"run {runs[0].id}: {describe(runs[0])}", *details(runs[0])]
-    lines += [f"run {r.id}: {describe(r)}" for r in runs[1:5]]
+    lines = [_("run {id}: {summary}", id=runs[0].id, summary=describe(runs[0])), *details(runs[0])]
+    lines += [_("run {id}: {summary}", id=r.id, summary=describe(r)) for r in runs[1:5]]
     if _training is not None and not _training.done():
         lines.insert(0, _("A training run is in progress."))
     png = ctx.settings.data_dir / "finetune" / "charts" / f"run-{runs[0].id}.png"
@@ -704,12 +779,12 @@ async def _progress(ctx: PluginContext, dataset: Dataset) -> AsyncIterator[str]:
                 lines.put_nowait(line)
         except Exception as exc:
             log.exception("fine-tune failed")
-            lines.put_nowait(f"fine-tuning failed: {exc}\n")
+            lines.put_nowait(_("fine-tuning failed: {problem}", problem=error_text(exc)) + "\n")
         finally:
             lines.put_nowait(None)
 
     _training = asyncio.create_task(train(), name="quill-finetune")
-    yield f"dataset {dataset.folder}: {dataset.summary()}\n"
+    yield _("dataset {folder}: {summary}", folder=str(dataset.folder), summary=dataset.summary()) + "\n"
     while (line := await lines.get()) is not None:
         yield line
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from bot.types import QuillError
+from bot.types import QuillError, Text
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -115,7 +115,11 @@ def reply_room(prompt_tokens: int, n_ctx: int) -> int:
     room = n_ctx - prompt_tokens
     if room < 16:
         raise ContextOverflow(
-            f"The prompt takes about {prompt_tokens} tokens; the model's context holds {n_ctx} (QUILL_N_CTX)."
+            Text(
+                "The prompt takes about {tokens} tokens; the model's context holds {context} (QUILL_N_CTX).",
+                tokens=prompt_tokens,
+                context=n_ctx,
+            )
         )
     return room
 
@@ -136,8 +140,12 @@ async def structured_chat(
         return model.model_validate_json(result.text)
     except ValidationError as exc:
         raise EngineError(
-            f"The model's structured reply did not match {model.__name__} "
-            f"(finish reason: {result.finish_reason}): {exc.errors()[0]['msg']}"
+            Text(
+                "The model's structured reply did not match {form} (finish reason: {reason}): {problem}",
+                form=model.__name__,
+                reason=result.finish_reason,
+                problem=exc.errors()[0]["msg"],
+            )
         ) from exc
 
 

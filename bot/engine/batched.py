@@ -48,6 +48,7 @@ from bot.config import Settings
 from bot.engine import ChatMessage, ContextOverflow, EngineError, GenerationOptions
 from bot.engine.contexts import fill_batch, new_context
 from bot.engine.local import LocalEngine, _Finish, _Job, attach_lora
+from bot.types import Text
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,11 @@ class BatchedEngine(LocalEngine):
         room = self.n_ctx - len(prompt)
         if room < 16:
             raise ContextOverflow(
-                f"The prompt takes {len(prompt)} tokens; the model's context holds {self.n_ctx} (QUILL_N_CTX)."
+                Text(
+                    "The prompt takes {tokens} tokens; the model's context holds {context} (QUILL_N_CTX).",
+                    tokens=len(prompt),
+                    context=self.n_ctx,
+                )
             )
         free = self._room()
         if free < len(prompt) + 1:

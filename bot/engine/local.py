@@ -30,6 +30,7 @@ from bot.engine import (
     structured_chat,
 )
 from bot.engine.contexts import Embedder
+from bot.types import Text
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class LocalEngine:
         """Queue `work` (or a `request` the worker schedules) and yield what it produces;
         leaving early cancels it."""
         if self._thread is None:
-            raise EngineError("The model engine is not running.")
+            raise EngineError(Text("The model engine is not running."))
         job = _Job(work, asyncio.get_running_loop(), request=request)
         self._jobs.put(job)
         try:
@@ -248,7 +249,7 @@ class LocalEngine:
         """Tokenize off the event loop. Tokenizing reads only the vocabulary, never the context,
         so it need not wait behind a generation in the worker queue."""
         if self._llm is None:
-            raise EngineError("The model engine is not running.")
+            raise EngineError(Text("The model engine is not running."))
         data = text.encode("utf-8", errors="replace")
         return len(await asyncio.to_thread(self._llm.tokenize, data, False, False))
 

@@ -34,6 +34,7 @@ from bot.engine import (
     structured_chat,
 )
 from bot.engine.local import check_model_file
+from bot.types import Text
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,12 @@ class OpenAIEngine:
                         raise self._too_slow() from exc
                     except httpx.TransportError as exc:
                         raise EngineError(
-                            f"{self.who} stopped in the middle of the reply "
-                            f"({exc or type(exc).__name__}); the partial reply was not kept."
+                            Text(
+                                "The model server ({url}) stopped in the middle of the reply ({reason}); the "
+                                "partial reply was not kept.",
+                                url=self.base_url,
+                                reason=str(exc) or type(exc).__name__,
+                            )
                         ) from exc
                     finally:
                         await response.aclose()
@@ -334,8 +339,12 @@ class OpenAIEngine:
 
     def _too_slow(self) -> EngineError:
         return EngineError(
-            f"{self.who} sent nothing for {self.settings.openai_timeout:g} s "
-            "(QUILL_OPENAI_TIMEOUT), so the request was stopped. Please try again."
+            Text(
+                "The model server ({url}) sent nothing for {seconds} s (QUILL_OPENAI_TIMEOUT), so the request was "
+                "stopped. Please try again.",
+                url=self.base_url,
+                seconds=f"{self.settings.openai_timeout:g}",
+            )
         )
 
     async def _get_json(self, url: str, *, quiet: bool = False) -> dict[str, Any] | None:
@@ -354,7 +363,9 @@ class OpenAIEngine:
             try:
                 return json.loads(await response.aread())
             except ValueError as exc:
-                raise EngineError(f"{self.who} sent a reply that is not JSON.") from exc
+                raise EngineError(
+                    Text("The model server ({url}) sent a reply that is not JSON.", url=self.base_url)
+                ) from exc
 
     # -- generation ------------------------------------------------------------------------
 
@@ -434,9 +445,13 @@ class OpenAIEngine:
                 try:
                     chunk = json.loads(data)
                 except ValueError as exc:
-                    raise EngineError(f"{self.who} sent a malformed event.") from exc
+                    raise EngineError(
+                        Text("The model server ({url}) sent a malformed event.", url=self.base_url)
+                    ) from exc
                 if chunk.get("error"):
-                    raise EngineError(f"{self.who} failed: {_message_of(chunk)}")
+                    raise EngineError(
+                        Text("The model server ({url}) failed: {reason}", url=self.base_url, reason=_message_of(chunk))
+                    )
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     # U+FFFD is how a server shows bytes that were no UTF-8 (a character cut by
@@ -447,7 +462,12 @@ class OpenAIEngine:
                         yield text
                     reason = choice.get("finish_reason") or reason
         if reason is None:
-            raise EngineError(f"{self.who} ended the reply before it was finished; the partial reply was not kept.")
+            raise EngineError(
+                Text(
+                    "The model server ({url}) ended the reply before it was finished; the partial reply was not kept.",
+                    url=self.base_url,
+                )
+            )
         tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
         yield ChatResult("", tokens if isinstance(tokens, int) else pieces, reason)
 

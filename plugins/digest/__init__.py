@@ -30,6 +30,7 @@ from bot.api import (
     Request,
     Section,
     _,
+    format_date,
     format_datetime,
     format_number,
     hookimpl,
@@ -158,7 +159,7 @@ def per_day(ctx: PluginContext, messages: Sequence[Said]) -> dict[str, Counter[s
     zone = ZoneInfo(ctx.settings.scheduler_timezone)
     days: dict[str, Counter[str]] = {}
     for m in messages:
-        days.setdefault(m.at.astimezone(zone).strftime("%a %m-%d"), Counter())[m.mood] += 1
+        days.setdefault(format_date(m.at.astimezone(zone), "EEE MM-dd"), Counter())[m.mood] += 1
     return days
 
 
@@ -194,8 +195,13 @@ def _moods(counts: Counter[str]) -> dict[str, int]:
     return {label: counts[label] for label in mood.LABELS}
 
 
+# The chart's legend: each mood's name as the reader's language writes it.
+MOOD_NAMES = {"positive": N_("positive"), "neutral": N_("neutral"), "negative": N_("negative")}
+
+
 def mood_chart(ctx: PluginContext, messages: Sequence[Said]) -> bytes:
-    return chart.draw(per_day(ctx, messages), "Messages per day, by mood")
+    legend = {label: _(name) for label, name in MOOD_NAMES.items()}
+    return chart.draw(per_day(ctx, messages), _("Messages per day, by mood"), legend)
 
 
 async def digest(ctx: PluginContext, request: Request) -> Reply:

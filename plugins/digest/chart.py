@@ -10,26 +10,30 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 
+from bot.api import chart_font
+
 WIDTH, HEIGHT = 640, 320
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 48, 16, 56, 44
 COLOURS = {"positive": (67, 160, 71), "neutral": (158, 158, 158), "negative": (229, 57, 53)}
 BACKGROUND, INK = (255, 255, 255), (33, 33, 33)
 
 
-def draw(days: Mapping[str, Mapping[str, int]], title: str) -> bytes:
+def draw(days: Mapping[str, Mapping[str, int]], title: str, legend: Mapping[str, str] | None = None) -> bytes:
     """A PNG: for each day (label -> messages per mood, in order) a stacked bar, its total on
-    top, the day under it, and a legend for the moods."""
-    from PIL import Image, ImageDraw, ImageFont
+    top, the day under it, and a legend naming the moods (mood -> its name, in the reader's
+    language: the labels are drawn with a font that has Chinese glyphs where needed)."""
+    from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (WIDTH, HEIGHT), BACKGROUND)
     pen = ImageDraw.Draw(image)
-    font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=13)
+    font, small = chart_font(18), chart_font(13)
     pen.text((MARGIN_LEFT, 8), title, fill=INK, font=font)
     x = MARGIN_LEFT
     for mood, colour in COLOURS.items():
+        name = (legend or {}).get(mood, mood)
         pen.rectangle((x, 34, x + 12, 46), fill=colour)
-        pen.text((x + 16, 33), mood, fill=INK, font=small)
-        x += 24 + int(pen.textlength(mood, font=small))
+        pen.text((x + 16, 33), name, fill=INK, font=small)
+        x += 24 + int(pen.textlength(name, font=small))
     base, top = HEIGHT - MARGIN_BOTTOM, MARGIN_TOP + 16
     pen.line((MARGIN_LEFT, base, WIDTH - MARGIN_RIGHT, base), fill=INK)
     peak = max((sum(c.values()) for c in days.values()), default=0) or 1
