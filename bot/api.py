@@ -55,10 +55,12 @@ from bot.types import (
     Request,
     Section,
     Text,
+    ToolSpec,
 )
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
+    from bot.tools import Toolbox
 
 __all__ = [
     "N_",
@@ -86,6 +88,7 @@ __all__ = [
     "Section",
     "SettingError",
     "Text",
+    "ToolSpec",
     "_",
     "available_locales",
     "content_words",
@@ -152,6 +155,8 @@ class PluginContext:
     scheduler: Scheduler | None = None
     # The embedder and its fusion settings where QUILL_EMBEDDINGS is on (bot/embedder.py).
     semantic: Semantic | None = None
+    # The tools the model may call (bot/tools.py); set once the router has the commands.
+    toolbox: Toolbox | None = None
 
     def config(self, model: type[S]) -> S:
         """A plugin's global settings (`PluginSettings`), as read from the environment at start."""
@@ -218,19 +223,42 @@ class PluginContext:
         the system prompt always kept; the reply is stored only once it has finished.
         """
         options = options or self.options()
+        conversation_id, history = await self.turn(request, system_prompt, options)
+        messages = [ChatMessage("system", system_prompt), *history]
+        reply = Reply()
+        reply.stream = self.remember(conversation_id, self.engine.stream(messages, options), reply)
+        return reply
+
+    async def converse_with_tools(
+        self, request: Request, system_prompt: str, options: GenerationOptions | None = None
+    ) -> Reply:
+        """`converse`, letting the model first call the tools this request may use (bot/tools.py):
+        commands offered as tools and MCP servers' tools, as the asker, confirmed by them when a
+        tool changes something."""
+        if self.toolbox is None:
+            return await self.converse(request, system_prompt, options)
+        return await self.toolbox.answer(request, system_prompt, options)
+
+    async def turn(
+        self, request: Request, system_prompt: str, options: GenerationOptions
+    ) -> tuple[int, list[ChatMessage]]:
+        """Store the user's turn and return its conversation's id and history (the turn
+        included), trimmed to leave room for `system_prompt` and the reply. A tool's own request
+        (`request.tool_call`) is not stored: its text ends the history instead."""
         conv = await self.memory.conversation(*request.place)
         assert conv.id is not None
         user_tokens = await self.engine.count_tokens(request.text)
-        await self.memory.add_message(
-            conv.id,
-            role="user",
-            content=request.text,
-            author_id=request.author_id,
-            author_name=request.author_name,
-            token_count=user_tokens,
-            external_id=request.message_id,
-            reply_to=request.reply_to,
-        )
+        if not request.tool_call:
+            await self.memory.add_message(
+                conv.id,
+                role="user",
+                content=request.text,
+                author_id=request.author_id,
+                author_name=request.author_name,
+                token_count=user_tokens,
+                external_id=request.message_id,
+                reply_to=request.reply_to,
+            )
         system_tokens = await self.engine.count_tokens(system_prompt) + MESSAGE_OVERHEAD_TOKENS
         budget = self.engine.n_ctx - options.max_tokens - system_tokens
         if user_tokens + MESSAGE_OVERHEAD_TOKENS > budget:
@@ -243,14 +271,15 @@ class PluginContext:
                     context=self.engine.n_ctx,
                 )
             )
+        if request.tool_call:
+            budget -= user_tokens + MESSAGE_OVERHEAD_TOKENS
         history = await self.memory.history(conv.id, budget, per_message=MESSAGE_OVERHEAD_TOKENS)
-        messages = [ChatMessage("system", system_prompt)]
-        messages += [ChatMessage(m.role, m.content) for m in history]
-        reply = Reply()
-        reply.stream = self._remember(conv.id, self.engine.stream(messages, options), reply)
-        return reply
+        messages = [ChatMessage(m.role, m.content) for m in history]
+        if request.tool_call:
+            messages.append(ChatMessage("user", request.text))
+        return conv.id, messages
 
-    async def _remember(self, conversation_id: int, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
+    async def remember(self, conversation_id: int, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
         """Pass the reply through and store it once complete; a reply cut short is not stored.
         A model that answers nothing (it happens on odd input) gets a line saying so, unstored."""
         parts: list[str] = []
@@ -261,15 +290,21 @@ class PluginContext:
         if not text:
             yield _(NO_ANSWER)
         else:
-            stored = await self.memory.add_message(
-                conversation_id,
-                role="assistant",
-                content=text,
-                author_id=BOT_AUTHOR_ID,
-                author_name=self.settings.bot_name,
-                token_count=await self.engine.count_tokens(text),
-            )
-            reply.answer_id = stored.id
+            await self.remember_answer(conversation_id, text, reply)
+
+    async def remember_answer(self, conversation_id: int, text: str, reply: Reply) -> None:
+        """Store `text` as the assistant's turn; `reply.answer_id` links it to the posted message."""
+        if not text.strip():
+            return
+        stored = await self.memory.add_message(
+            conversation_id,
+            role="assistant",
+            content=text.strip(),
+            author_id=BOT_AUTHOR_ID,
+            author_name=self.settings.bot_name,
+            token_count=await self.engine.count_tokens(text),
+        )
+        reply.answer_id = stored.id
 
 
 def _scope_of(scope: str, place: Place) -> tuple[str, str]:

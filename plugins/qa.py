@@ -27,6 +27,7 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    ToolSpec,
     _,
     hookimpl,
     message_link,
@@ -214,6 +215,12 @@ def register_commands(register: Callable[[Command], None]) -> None:
             N_("answer a question from the team's knowledge base and past messages, citing sources"),
             ask,
             "<question>",
+            tool=ToolSpec(
+                answers=True,
+                status=N_("searching the knowledge base…"),
+                text=N_("the question, in the user's words"),
+                examples=("What is our policy for production releases?", "我们的报销流程是怎样的？"),
+            ),
         )
     )
     register(
@@ -230,5 +237,21 @@ def register_commands(register: Callable[[Command], None]) -> None:
             document=True,
         )
     )
-    register(Command("kb-list", N_("list the knowledge base's documents"), kb_list))
-    register(Command("kb-remove", N_("remove a document from the knowledge base"), kb_remove, "<name>", admin=True))
+    register(
+        Command(
+            "kb-list",
+            N_("list the knowledge base's documents"),
+            kb_list,
+            tool=ToolSpec(answers=True, status=N_("listing the knowledge base…")),
+        )
+    )
+    register(
+        Command(
+            "kb-remove",
+            N_("remove a document from the knowledge base"),
+            kb_remove,
+            "<name>",
+            admin=True,
+            tool=ToolSpec(changes=True, status=N_("removing a document…"), text=N_("the document's name")),
+        )
+    )

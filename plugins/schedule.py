@@ -13,6 +13,7 @@ from bot.api import (
     QuillError,
     Reply,
     Request,
+    ToolSpec,
     _,
     error_text,
     format_datetime,
@@ -95,5 +96,10 @@ def register_commands(register: Callable[[Command], None]) -> None:
             usage="add|list|pause|resume|run|remove ...",
             admin=True,
             options=(Option("to", N_("channel the job's replies are posted to (default: here)")),),
+            tool=ToolSpec(
+                changes=True,
+                status=N_("scheduling…"),
+                text=N_("add <when> /<command>, for example: add daily 09:00 /digest"),
+            ),
         )
     )

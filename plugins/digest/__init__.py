@@ -29,6 +29,7 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    ToolSpec,
     _,
     format_datetime,
     format_number,
@@ -253,6 +254,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             N_("what happened here (or in the channels named) since the last digest"),
             digest,
             usage="[channel ...]",
+            tool=ToolSpec(answers=True, status=N_("writing the digest…")),
         )
     )
     register(
