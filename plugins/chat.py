@@ -29,4 +29,11 @@ def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command("chat", N_("talk with the assistant; it remembers this channel's conversation"), chat, "<message>")
     )
-    register(Command("time", N_("the current date and time"), now, tool=ToolSpec(status=N_("checking the time…"), examples=("What is the date today?", "现在几点了？"))))
+    register(
+        Command(
+            "time",
+            N_("the current date and time"),
+            now,
+            tool=ToolSpec(status=N_("checking the time…"), examples=("What is the date today?", "现在几点了？")),
+        )
+    )
