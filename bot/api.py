@@ -226,7 +226,9 @@ class PluginContext:
         conversation_id, history = await self.turn(request, system_prompt, options)
         messages = [ChatMessage("system", system_prompt), *history]
         reply = Reply()
-        reply.stream = self.remember(conversation_id, self.engine.stream(messages, options), reply)
+        # A tool's own answer is stored by the tool loop, as the user saw it (bot/tools.py).
+        keep = None if request.tool_call else conversation_id
+        reply.stream = self.remember(keep, self.engine.stream(messages, options), reply)
         return reply
 
     async def converse_with_tools(
@@ -279,9 +281,12 @@ class PluginContext:
             messages.append(ChatMessage("user", request.text))
         return conv.id, messages
 
-    async def remember(self, conversation_id: int, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
-        """Pass the reply through and store it once complete; a reply cut short is not stored.
-        A model that answers nothing (it happens on odd input) gets a line saying so, unstored."""
+    async def remember(
+        self, conversation_id: int | None, pieces: AsyncIterator[str], reply: Reply
+    ) -> AsyncIterator[str]:
+        """Pass the reply through and store it once complete (in conversation `conversation_id`;
+        None: not stored); a reply cut short is not stored. A model that answers nothing (it
+        happens on odd input) gets a line saying so, unstored."""
         parts: list[str] = []
         async for piece in pieces:
             parts.append(piece)
@@ -289,7 +294,7 @@ class PluginContext:
         text = "".join(parts).strip()
         if not text:
             yield _(NO_ANSWER)
-        else:
+        elif conversation_id is not None:
             await self.remember_answer(conversation_id, text, reply)
 
     async def remember_answer(self, conversation_id: int, text: str, reply: Reply) -> None:

@@ -200,7 +200,7 @@ async def test_under_the_grammar_every_choice_parses_and_fits_its_schema(app: Qu
 async def test_a_knowledge_base_question_makes_an_ask_call_whose_answer_cites_its_source(
     app: Quill, document: str, question: str, source: str
 ) -> None:
-    await read(await app.router.handle(request(f"/kb-add name:{source} {document}")))
+    await read(await app.router.handle(request(f'/kb-add name:"{source}" {document}')))
     asker = Asker(False)
     shown = await read(await app.router.handle(request(question, confirm=asker)))
     lines = shown.splitlines()
@@ -213,7 +213,7 @@ async def test_a_knowledge_base_question_makes_an_ask_call_whose_answer_cites_it
 
 
 async def test_a_planted_instruction_in_a_document_erases_nothing(app: Quill) -> None:
-    await read(await app.router.handle(request(f"/kb-add name:Deploy guide {GUIDE}{INJECTION}")))
+    await read(await app.router.handle(request(f'/kb-add name:"Deploy guide" {GUIDE}{INJECTION}')))
     asker = Asker(False)  # were the model to propose /forget, the asker would not confirm
     shown = await read(await app.router.handle(request("How do staging deploys run in our team?", confirm=asker)))
     assert "Staging" in shown or "staging" in shown
@@ -416,7 +416,7 @@ async def test_the_openai_backend_without_tools_support_chooses_under_the_gramma
     quill = await Quill.start(tool_settings(tmp_path, engine_backend="openai", openai_base_url=llama_server.url))
     try:
         assert "tools" not in quill.engine.features and "grammar" in quill.engine.features
-        await read(await quill.router.handle(request(f"/kb-add name:Deploy guide {GUIDE}")))
+        await read(await quill.router.handle(request(f'/kb-add name:"Deploy guide" {GUIDE}')))
         shown = await read(
             await quill.router.handle(request("How do staging deploys run in our team?", confirm=Asker(False)))
         )
