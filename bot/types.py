@@ -251,7 +251,7 @@ class ToolSpec:
     call before it runs. `answers`: its reply is a finished answer for the user (/ask's, with
     its sources), shown as it streams instead of being rewritten by the model. `status`: what
     the user sees while it runs ("searching the knowledge base…"), marked with N_. `text`: what
-    the command's free text is, for the model ("the question"); "" if it takes none.
+    the command's free text is, said to the model in English ("the question"); "" if it takes none.
     `choices`: the only values that text may take (/forget: me, channel). `examples`: messages
     that call for this tool, in English and Chinese, shown to the model as earlier turns that
     called it (with the message itself as the text): a small model learns more from these

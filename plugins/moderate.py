@@ -198,7 +198,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             tool=ToolSpec(
                 changes=True,
                 status=N_("changing moderation…"),
-                text=N_("status, add <term>, remove <term>, classify on|off or delete on|off"),
+                text="status, add <term>, remove <term>, classify on|off or delete on|off",
             ),
         )
     )

@@ -218,7 +218,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             tool=ToolSpec(
                 answers=True,
                 status=N_("searching the knowledge base…"),
-                text=N_("the question, in the user's words"),
+                text="the question, in the user's words",
                 examples=("What is our policy for production releases?", "我们的报销流程是怎样的？"),
             ),
         )
@@ -252,6 +252,6 @@ def register_commands(register: Callable[[Command], None]) -> None:
             kb_remove,
             "<name>",
             admin=True,
-            tool=ToolSpec(changes=True, status=N_("removing a document…"), text=N_("the document's name")),
+            tool=ToolSpec(changes=True, status=N_("removing a document…"), text="the document's name"),
         )
     )

@@ -99,7 +99,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             tool=ToolSpec(
                 changes=True,
                 status=N_("scheduling…"),
-                text=N_("add <when> /<command>, for example: add daily 09:00 /digest"),
+                text="add <when> /<command>, for example: add daily 09:00 /digest",
             ),
         )
     )

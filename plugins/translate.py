@@ -241,7 +241,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             options=(
                 Option("to", N_("target language (name or code)"), required=True, choices=("en", "fr", "de", "es")),
             ),
-            tool=ToolSpec(answers=True, status=N_("translating…"), text=N_("the text to translate")),
+            tool=ToolSpec(answers=True, status=N_("translating…"), text="the text to translate"),
         )
     )
     register(

@@ -176,7 +176,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             tool=ToolSpec(
                 changes=True,
                 status=N_("erasing stored data…"),
-                text=N_("me (your own data) or channel (this channel's messages)"),
+                text="me (your own data) or channel (this channel's messages)",
                 choices=("me", "channel"),
             ),
         )
