@@ -4,6 +4,7 @@ that person, in time, is a no."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,8 +25,10 @@ NOT_YOURS = N_("Only the person who asked can answer this.")
 class ConfirmView(discord.ui.View):
     """Confirm / Cancel for one person; `confirmed` is True only after their press of Confirm."""
 
-    def __init__(self, asker_id: int, question: str, timeout: float) -> None:
-        super().__init__(timeout=timeout)
+    def __init__(self, asker_id: int, question: str) -> None:
+        # No time-out of discord.py's own: it only runs for views Discord's store holds, and
+        # `confirmer` keeps the clock itself.
+        super().__init__(timeout=None)
         self.asker_id = asker_id
         self.question = question
         self.confirmed = False
@@ -56,7 +59,9 @@ class ConfirmView(discord.ui.View):
 
         return callback
 
-    async def on_timeout(self) -> None:
+    async def expire(self) -> None:
+        """Take no more presses, and say on the question that it expired."""
+        self.stop()
         if self.message is None:
             return
         try:
@@ -71,7 +76,7 @@ def confirmer(
     """The `Request.confirm` of a Discord request: `send` posts the question where it was asked."""
 
     async def confirm(question: str) -> bool:
-        view = ConfirmView(asker_id, question, timeout())
+        view = ConfirmView(asker_id, question)
         try:
             view.message = await send(
                 content=question, view=view, allowed_mentions=discord.AllowedMentions(users=[discord.Object(asker_id)])
@@ -80,7 +85,10 @@ def confirmer(
             log.warning("could not ask for confirmation: %s", exc)
             view.stop()
             return False
-        await view.wait()
+        try:
+            await asyncio.wait_for(view.wait(), timeout())
+        except TimeoutError:
+            await view.expire()
         return view.confirmed
 
     return confirm
