@@ -530,8 +530,11 @@ class Toolbox:
             offer = tools if not done else [t for t in tools if not t.changes]
             if not offer:
                 break
-            system = ChatMessage("system", self._choice_prompt(system_prompt, offer))
-            messages = [system, *examples(offer), *history, *done]
+            if "tools" in ctx.engine.features:  # the server's own tool calling: its template shows the tools
+                messages = [ChatMessage("system", system_prompt), *history, *done]
+            else:
+                system = ChatMessage("system", self._choice_prompt(system_prompt, offer))
+                messages = [system, *examples(offer), *history, *done]
             try:
                 call = await choose(ctx.engine, messages, offer, request.text)
             except EngineError as exc:
