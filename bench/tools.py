@@ -25,7 +25,7 @@ from bench.common import bench_settings, machine_note, median, timed
 from bot.api import Request
 from bot.app import Quill
 from bot.engine import ChatMessage, GenerationOptions, start_engine
-from bot.tools import CHOICE_TOKENS, NO_TOOL, STATUS_PREFIX, choice_grammar, examples
+from bot.tools import NO_TOOL, STATUS_PREFIX, choice_grammar, choice_tokens, examples
 
 SMALL_TALK = [
     "Hi! How are you today?",
@@ -163,7 +163,9 @@ async def validity(app: Quill, count: int) -> None:
     chosen: Counter[str] = Counter()
     for text in REQUESTS[:count]:
         messages = [ChatMessage("system", system), *examples(tools), ChatMessage("user", text)]
-        options = GenerationOptions(max_tokens=CHOICE_TOKENS, temperature=0.0, grammar=choice_grammar(tools, text))
+        options = GenerationOptions(
+            max_tokens=choice_tokens(tools), temperature=0.0, grammar=choice_grammar(tools, text)
+        )
         result = await app.engine.chat(messages, options)
         try:
             data = json.loads(result.text)

@@ -46,7 +46,8 @@ NO_TOOL = "none"
 NO_TOOL_EXAMPLES = ("Hi! How are you today?", "谢谢，这很有帮助。", "Write a short poem about the sea.")
 # Longest free text the model may pass a tool; the grammar bounds it, so a choice always ends.
 TOOL_TEXT_CHARS = OPTION_MAX_CHARS
-# Tokens one choice may take: a tool name and arguments of at most TOOL_TEXT_CHARS each.
+# Tokens a choice may take when its longest form is unknown (an MCP tool's unbounded schema); a
+# choice cut short means no tool. Otherwise the bound is the longest choice the grammar allows.
 CHOICE_TOKENS = 384
 # What a tool returns to the model is cut to this many characters.
 RESULT_CHARS = 4000
@@ -219,7 +220,8 @@ class Grammar:
         # asked), offered first so that a small model copies it rather than paraphrasing it.
         self.said = said
         self.rules: dict[str, str] = {
-            "q-char": r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])',
+            # No \\u escapes: at most 4 bytes a character, so the longest choice is known.
+            "q-char": r'[^"\\\x7F\x00-\x1F] | "\\" ["\\/bfnrt]',
         }
         self._converter: Any = None
 
@@ -309,6 +311,38 @@ def choice_grammar(tools: Sequence[Tool], said: str = "") -> str:
     return Grammar(said).build(tools)
 
 
+def choice_tokens(tools: Sequence[Tool]) -> int:
+    """Tokens enough for the longest choice the grammar allows (a token is at least a byte), so a
+    choice is never cut short; CHOICE_TOKENS where a schema leaves it unbounded."""
+    longest = len('{"tool": "none"}')
+    for tool in tools:
+        arguments = _longest(tool.parameters)
+        if arguments is None:
+            return CHOICE_TOKENS
+        longest = max(longest, len(f'{{"tool": {json.dumps(tool.name)}, "arguments": }}'.encode()) + arguments)
+    return longest
+
+
+def _longest(schema: dict[str, Any]) -> int | None:
+    """Bytes of the longest JSON `Grammar` writes for `schema`; None where it is unbounded."""
+    if "enum" in schema:
+        return max(len(json.dumps(v, ensure_ascii=False).encode()) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "string" and "maxLength" in schema:
+        return 2 + 4 * int(schema["maxLength"])
+    if kind == "integer" and "minimum" in schema and "maximum" in schema:
+        return max(len(str(schema["minimum"])), len(str(schema["maximum"])))
+    if kind == "object" and schema.get("additionalProperties") is False:
+        total = 2
+        for name, prop in schema.get("properties", {}).items():
+            value = _longest(prop)
+            if value is None:
+                return None
+            total += len(json.dumps(name).encode()) + 4 + value
+        return total
+    return None
+
+
 def parse_choice(text: str, tools: Sequence[Tool]) -> ToolCall | None:
     """The call the model chose (None: answer directly). Raises ValueError for output that is
     not a call to one of `tools` with arguments valid for its schema."""
@@ -351,7 +385,7 @@ async def choose(
         except ValueError as exc:
             log.warning("the model's tool call was refused: %s", exc)
             return None
-    options = GenerationOptions(max_tokens=CHOICE_TOKENS, temperature=0.0, grammar=choice_grammar(tools, said))
+    options = GenerationOptions(max_tokens=choice_tokens(tools), temperature=0.0, grammar=choice_grammar(tools, said))
     result = await engine.chat(messages, options)
     try:
         return parse_choice(result.text, tools)

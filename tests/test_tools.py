@@ -36,6 +36,7 @@ from bot.tools import (
     ToolCall,
     _digits_range,
     choice_grammar,
+    choice_tokens,
     command_schema,
     parse_choice,
 )
@@ -152,6 +153,8 @@ def test_integer_ranges_match_exactly_their_numbers(a: int, b: int, probe: int) 
 def test_the_choice_grammar_compiles_and_parsing_checks_the_schema(app: Quill) -> None:
     tools = list(app.toolbox.tools.values())
     LlamaGrammar.from_string(choice_grammar(tools), verbose=False)
+    longest = {"tool": "translate", "arguments": {"text": "𝄞" * 200, "to": "語" * 200}}
+    assert len(json.dumps(longest, ensure_ascii=False).encode()) <= choice_tokens(tools) < 4000
     assert parse_choice('{"tool": "none"}', tools) is None
     call = parse_choice('{"tool": "summarize", "arguments": {"hours": 5}}', tools)
     assert call == ToolCall("summarize", {"hours": 5})
@@ -169,7 +172,7 @@ async def test_under_the_grammar_every_choice_parses_and_fits_its_schema(app: Qu
     tools = list(app.toolbox.tools.values())
     grammar = choice_grammar(tools)
     from bot.engine import ChatMessage, GenerationOptions
-    from bot.tools import CHOICE_TOKENS, tools_prompt
+    from bot.tools import tools_prompt
 
     system = app.context.prompts.render("tools_system", system="You are quill.", tools=tools_prompt(tools))
     for text in (
@@ -180,7 +183,7 @@ async def test_under_the_grammar_every_choice_parses_and_fits_its_schema(app: Qu
     ):
         messages = [ChatMessage("system", system), ChatMessage("user", text)]
         result = await engine.chat(
-            messages, GenerationOptions(max_tokens=CHOICE_TOKENS, temperature=0.0, grammar=grammar)
+            messages, GenerationOptions(max_tokens=choice_tokens(tools), temperature=0.0, grammar=grammar)
         )
         data = json.loads(result.text)
         if data["tool"] != "none":
