@@ -477,13 +477,13 @@ class Toolbox:
             return
         self.tools[tool.name] = tool
 
-    def offered(self, request: Request, *, changes: bool = True) -> list[Tool]:
+    def offered(self, request: Request) -> list[Tool]:
         """The tools this request may use: no admin tool for a non-admin, no tool that changes
-        something where nobody can confirm it (or, with `changes` False, at all)."""
+        something where nobody can confirm it."""
         return [
             t
             for t in self.tools.values()
-            if (request.is_admin or not t.admin) and (not t.changes or (changes and request.confirm is not None))
+            if (request.is_admin or not t.admin) and (not t.changes or request.confirm is not None)
         ]
 
     async def call(self, tool: Tool, call: ToolCall, request: Request) -> Outcome:
@@ -557,9 +557,6 @@ class Toolbox:
         done: list[ChatMessage] = []  # this answer's calls and their results
         seen: set[str] = set()
         for _round in range(ctx.settings.tool_max_calls):
-            if not self.rate.allow(request.author_id):
-                log.warning("tool rate limit reached for %s", request.author_id)
-                break
             # A tool that changes something is offered only while no tool result is in the prompt.
             offer = tools if not done else [t for t in tools if not t.changes]
             if not offer:
@@ -576,6 +573,9 @@ class Toolbox:
                 break
             key = json.dumps([call.name, call.arguments], sort_keys=True) if call else ""
             if call is None or key in seen:
+                break
+            if not self.rate.allow(request.author_id):  # answered without the call
+                log.warning("tool rate limit reached for %s; %s not called", request.author_id, call.name)
                 break
             seen.add(key)
             tool = self.tools[call.name]
