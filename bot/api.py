@@ -68,12 +68,14 @@ from bot.types import (
     Request,
     Section,
     Text,
+    ToolSpec,
 )
 from bot.web.charts import Series, line_chart
 from bot.web.pages import Download, Page, Redirect, Upload, WebPage, WebRequest
 
 if TYPE_CHECKING:
     from bot.scheduler import Scheduler
+    from bot.tools import Toolbox
 
 __all__ = [
     "N_",
@@ -107,10 +109,11 @@ __all__ = [
     "Series",
     "SettingError",
     "Text",
+    "ToolSpec",
     "Upload",
+    "UserSettings",
     "WebPage",
     "WebRequest",
-    "UserSettings",
     "_",
     "available_locales",
     "chart_font",
@@ -183,6 +186,8 @@ class PluginContext:
     semantic: Semantic | None = None
     # Replies in flight and their timings over the last hour (the admin panel's overview).
     metrics: ReplyMetrics = field(default_factory=ReplyMetrics)
+    # The tools the model may call (bot/tools.py); set once the router has the commands.
+    toolbox: Toolbox | None = None
 
     def config(self, model: type[S]) -> S:
         """A plugin's global settings (`PluginSettings`), as read from the environment at start."""
@@ -252,19 +257,45 @@ class PluginContext:
         """
         options = options or self.options()
         started = time.monotonic()
+        conversation_id, history = await self.turn(request, system_prompt, options)
+        messages = [ChatMessage("system", system_prompt), *history]
+        reply = Reply()
+        # A tool's own answer is stored by the tool loop, as the user saw it (bot/tools.py).
+        keep = None if request.tool_call else conversation_id
+        pieces = self.metrics.measure(self.engine.stream(messages, options), started)
+        reply.stream = self.remember(keep, pieces, reply)
+        return reply
+
+    async def converse_with_tools(
+        self, request: Request, system_prompt: str, options: GenerationOptions | None = None
+    ) -> Reply:
+        """`converse`, letting the model first call the tools this request may use (bot/tools.py):
+        commands offered as tools and MCP servers' tools, as the asker, confirmed by them when a
+        tool changes something."""
+        if self.toolbox is None:
+            return await self.converse(request, system_prompt, options)
+        return await self.toolbox.answer(request, system_prompt, options)
+
+    async def turn(
+        self, request: Request, system_prompt: str, options: GenerationOptions
+    ) -> tuple[int, list[ChatMessage]]:
+        """Store the user's turn and return its conversation's id and history (the turn
+        included), trimmed to leave room for `system_prompt` and the reply. A tool's own request
+        (`request.tool_call`) is not stored: its text ends the history instead."""
         conv = await self.memory.conversation(*request.place)
         assert conv.id is not None
         user_tokens = await self.engine.count_tokens(request.text)
-        await self.memory.add_message(
-            conv.id,
-            role="user",
-            content=request.text,
-            author_id=request.author_id,
-            author_name=request.author_name,
-            token_count=user_tokens,
-            external_id=request.message_id,
-            reply_to=request.reply_to,
-        )
+        if not request.tool_call:
+            await self.memory.add_message(
+                conv.id,
+                role="user",
+                content=request.text,
+                author_id=request.author_id,
+                author_name=request.author_name,
+                token_count=user_tokens,
+                external_id=request.message_id,
+                reply_to=request.reply_to,
+            )
         system_tokens = await self.engine.count_tokens(system_prompt) + MESSAGE_OVERHEAD_TOKENS
         budget = self.engine.n_ctx - options.max_tokens - system_tokens
         if user_tokens + MESSAGE_OVERHEAD_TOKENS > budget:
@@ -277,17 +308,20 @@ class PluginContext:
                     context=self.engine.n_ctx,
                 )
             )
+        if request.tool_call:
+            budget -= user_tokens + MESSAGE_OVERHEAD_TOKENS
         history = await self.memory.history(conv.id, budget, per_message=MESSAGE_OVERHEAD_TOKENS)
-        messages = [ChatMessage("system", system_prompt)]
-        messages += [ChatMessage(m.role, m.content) for m in history]
-        reply = Reply()
-        pieces = self.metrics.measure(self.engine.stream(messages, options), started)
-        reply.stream = self._remember(conv.id, pieces, reply)
-        return reply
+        messages = [ChatMessage(m.role, m.content) for m in history]
+        if request.tool_call:
+            messages.append(ChatMessage("user", request.text))
+        return conv.id, messages
 
-    async def _remember(self, conversation_id: int, pieces: AsyncIterator[str], reply: Reply) -> AsyncIterator[str]:
-        """Pass the reply through and store it once complete; a reply cut short is not stored.
-        A model that answers nothing (it happens on odd input) gets a line saying so, unstored."""
+    async def remember(
+        self, conversation_id: int | None, pieces: AsyncIterator[str], reply: Reply
+    ) -> AsyncIterator[str]:
+        """Pass the reply through and store it once complete (in conversation `conversation_id`;
+        None: not stored); a reply cut short is not stored. A model that answers nothing (it
+        happens on odd input) gets a line saying so, unstored."""
         parts: list[str] = []
         async for piece in pieces:
             parts.append(piece)
@@ -295,16 +329,22 @@ class PluginContext:
         text = "".join(parts).strip()
         if not text:
             yield _(NO_ANSWER)
-        else:
-            stored = await self.memory.add_message(
-                conversation_id,
-                role="assistant",
-                content=text,
-                author_id=BOT_AUTHOR_ID,
-                author_name=self.settings.bot_name,
-                token_count=await self.engine.count_tokens(text),
-            )
-            reply.answer_id = stored.id
+        elif conversation_id is not None:
+            await self.remember_answer(conversation_id, text, reply)
+
+    async def remember_answer(self, conversation_id: int, text: str, reply: Reply) -> None:
+        """Store `text` as the assistant's turn; `reply.answer_id` links it to the posted message."""
+        if not text.strip():
+            return
+        stored = await self.memory.add_message(
+            conversation_id,
+            role="assistant",
+            content=text.strip(),
+            author_id=BOT_AUTHOR_ID,
+            author_name=self.settings.bot_name,
+            token_count=await self.engine.count_tokens(text),
+        )
+        reply.answer_id = stored.id
 
 
 def _scope_of(scope: str, place: Place, user: str) -> tuple[str, str, str]:

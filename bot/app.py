@@ -13,6 +13,7 @@ from bot.embedder import E5Embedder, Embedder, EmbedderError, ServerEmbedder, lo
 from bot.engine import Engine, ModelLoadError, start_engine
 from bot.engine.openai import OpenAIEngine
 from bot.hooks import Hooks
+from bot.mcp_tools import list_tools
 from bot.memory import Memory
 from bot.plugin_config import SettingsRegistry
 from bot.plugins import make_plugin_manager
@@ -20,6 +21,7 @@ from bot.prompts import PromptLoader
 from bot.router import Router
 from bot.scheduler import Scheduler
 from bot.search import Semantic
+from bot.tools import Toolbox, command_tool
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ class Quill:
         self.hooks.context = self.context
         self._embedding: asyncio.Task[None] | None = None
         self.router = Router(self.context)
+        self.context.toolbox = self.toolbox = Toolbox(self.context)
+        for command in self.router.commands.values():
+            if command.tool is not None:
+                self.toolbox.add(command_tool(command, self.router.run_command))
         self.scheduler = Scheduler(settings, memory.engine, self.router.run_text)
         self.context.scheduler = self.scheduler
         log.info("plugins: %s", ", ".join(sorted(n for n, _ in self.plugins.list_name_plugin())))
@@ -70,6 +76,9 @@ class Quill:
         quill = cls(settings, engine, memory, semantic)
         if semantic is not None:  # new rows, and all of them after a change of embedder
             quill._embedding = asyncio.create_task(quill.context.search.keep_embedded(), name="quill-embedding")
+        if settings.tools and settings.mcp_servers:
+            for tool in await list_tools(settings.mcp_servers, settings.tool_timeout):
+                quill.toolbox.add(tool)
         quill.scheduler.open()  # paused: jobs can be managed; transports call run_jobs()
         quill.hooks.collect("register_jobs", register=quill.scheduler.add_maintenance)
         for result in await quill.hooks.call("startup"):

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,6 +26,30 @@ def embedded_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         return Path(DEFAULT_MODEL_FILE)
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+class McpServer(BaseModel):
+    """One MCP server in QUILL_MCP_SERVERS. Its tools are taken to change something (each call
+    confirmed by the asker) unless `read_only` says otherwise: true for all of them, or a list
+    of tool names. `admin`: only admins' conversations may call them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(default_factory=list, description="stdio: the program and its arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="stdio: environment variables added")
+    url: str = Field("", description="streamable HTTP: the server's MCP endpoint")
+    headers: dict[str, str] = Field(default_factory=dict, description="streamable HTTP: request headers")
+    read_only: bool | list[str] = False
+    admin: bool = False
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServer:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("give either command (stdio) or url (streamable HTTP)")
+        return self
+
+    def reads_only(self, tool: str) -> bool:
+        return self.read_only is True or (isinstance(self.read_only, list) and tool in self.read_only)
 
 
 class Settings(BaseSettings):
@@ -147,6 +171,19 @@ class Settings(BaseSettings):
     batch_kv_mb: int = Field(default=128, ge=1)
     batch_cache_mb: int = Field(default=512, ge=0)
     batch_prefill_chunk: int = Field(default=192, ge=16)
+
+    # --- Tools (bot/tools.py): the model calls commands and MCP servers' tools ---
+    tools: bool = True
+    # Most tool calls in one answer, and seconds one call may take (an MCP server that hangs).
+    tool_max_calls: int = Field(default=3, ge=1, le=20)
+    tool_timeout: float = Field(default=60.0, gt=0)
+    # Seconds the asker has to confirm a tool that changes something; past it nothing runs.
+    tool_confirm_timeout: float = Field(default=60.0, gt=0)
+    # Most tool calls one user's conversations may make per minute.
+    tool_rate_per_minute: int = Field(default=10, ge=1)
+    # MCP servers whose tools the model may call: a JSON object, name -> {"command": [...]} (stdio)
+    # or {"url": "..."} (streamable HTTP); see McpServer above and the README.
+    mcp_servers: dict[str, McpServer] = Field(default_factory=dict)
 
     @cached_property
     def db_url(self) -> str:

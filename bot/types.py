@@ -38,6 +38,10 @@ class Text:
         return f"Text({self.template!r}, **{self.values!r})"
 
 
+# Shows a question (a line saying what would run) to the asker; True only if they confirmed in time.
+Confirm = Callable[[str], Awaitable[bool]]
+
+
 class Place(NamedTuple):
     """Where messages happen: a channel, thread or DM of one transport ("" guild outside guilds).
     A tuple, so the repositories that take the three apart get them as `*place`."""
@@ -78,6 +82,14 @@ class Request:
 
     # The transport's id of the message this one replies to (a Discord reply), else None.
     reply_to: str | None = None
+    # Run by the model as a tool for the person who asked (bot/tools.py): the conversation turn
+    # is the asker's message and the answer they saw, so a tool's own request stores nothing.
+    tool_call: bool = False
+    # Asks the person who sent this request to confirm an action (Discord buttons, the console's
+    # y/N) and says whether they did; None where nobody can be asked (a scheduled job): actions
+    # that change something are then refused. Set by the transport.
+    confirm: Confirm | None = field(default=None, compare=False, repr=False)
+
     # The language quill's own texts use for this request. A transport sets the user's own
     # where it knows it (a slash command's `interaction.locale`, QUILL_LOCALE); the router
     # replaces it by the one resolved (an admin's /language, this, the message's language,
@@ -231,6 +243,29 @@ class Option:
 
 
 @dataclass(frozen=True)
+class ToolSpec:
+    """How a command is offered to the model as a tool (bot/tools.py). Its name, help and
+    options make the tool's schema; this says the rest.
+
+    `changes`: it changes something (erases, schedules, configures), so the asker confirms each
+    call before it runs. `answers`: its reply is a finished answer for the user (/ask's, with
+    its sources), shown as it streams instead of being rewritten by the model. `status`: what
+    the user sees while it runs ("searching the knowledge base…"), marked with N_. `text`: what
+    the command's free text is, said to the model in English ("the question"); "" if it takes none.
+    `choices`: the only values that text may take (/forget: me, channel). `examples`: messages
+    that call for this tool, in English and Chinese, shown to the model as earlier turns that
+    called it (with the message itself as the text): a small model learns more from these
+    than from any description."""
+
+    changes: bool = False
+    answers: bool = False
+    status: str = ""
+    text: str = ""
+    choices: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Command:
     """A command a plugin offers; `/help` and the transports build their lists from these."""
 
@@ -245,6 +280,8 @@ class Command:
     document: bool = False
     # Its answers concern one person's data (/forget): as a slash command only they see them.
     private: bool = False
+    # Offered to the model as a tool (bot/tools.py) when set.
+    tool: ToolSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from bot.api import (
     PluginSettings,
     Reply,
     Request,
+    ToolSpec,
     _,
     hookimpl,
 )
@@ -194,5 +195,10 @@ def register_commands(register: Callable[[Command], None]) -> None:
             moderation,
             "[status|add <term>|remove <term>|channel <id>|here|classify on|off|delete on|off]",
             admin=True,
+            tool=ToolSpec(
+                changes=True,
+                status=N_("changing moderation…"),
+                text="status, add <term>, remove <term>, classify on|off or delete on|off",
+            ),
         )
     )

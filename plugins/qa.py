@@ -30,6 +30,7 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    ToolSpec,
     WebPage,
     WebRequest,
     _,
@@ -226,6 +227,12 @@ def register_commands(register: Callable[[Command], None]) -> None:
             N_("answer a question from the team's knowledge base and past messages, citing sources"),
             ask,
             "<question>",
+            tool=ToolSpec(
+                answers=True,
+                status=N_("searching the knowledge base…"),
+                text="the question, in the user's words",
+                examples=("What is our policy for production releases?", "我们的报销流程是怎样的？"),
+            ),
         )
     )
     register(
@@ -242,8 +249,24 @@ def register_commands(register: Callable[[Command], None]) -> None:
             document=True,
         )
     )
-    register(Command("kb-list", N_("list the knowledge base's documents"), kb_list))
-    register(Command("kb-remove", N_("remove a document from the knowledge base"), kb_remove, "<name>", admin=True))
+    register(
+        Command(
+            "kb-list",
+            N_("list the knowledge base's documents"),
+            kb_list,
+            tool=ToolSpec(answers=True, status=N_("listing the knowledge base…")),
+        )
+    )
+    register(
+        Command(
+            "kb-remove",
+            N_("remove a document from the knowledge base"),
+            kb_remove,
+            "<name>",
+            admin=True,
+            tool=ToolSpec(changes=True, status=N_("removing a document…"), text="the document's name"),
+        )
+    )
 
 
 # -- admin panel pages ----------------------------------------------------------------------

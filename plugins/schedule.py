@@ -17,6 +17,7 @@ from bot.api import (
     Redirect,
     Reply,
     Request,
+    ToolSpec,
     WebPage,
     WebRequest,
     _,
@@ -102,6 +103,11 @@ def register_commands(register: Callable[[Command], None]) -> None:
             usage="add|list|pause|resume|run|remove ...",
             admin=True,
             options=(Option("to", N_("channel the job's replies are posted to (default: here)")),),
+            tool=ToolSpec(
+                changes=True,
+                status=N_("scheduling…"),
+                text="add <when> /<command>, for example: add daily 09:00 /digest",
+            ),
         )
     )
 

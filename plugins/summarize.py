@@ -38,6 +38,7 @@ from bot.api import (
     Request,
     Section,
     Text,
+    ToolSpec,
     _,
     content_words,
     hookimpl,
@@ -361,5 +362,6 @@ def register_commands(register: Callable[[Command], None]) -> None:
                 Option("messages", N_("how many recent messages (default 200)"), kind=int, min=1, max=MAX_MESSAGES),
                 Option("hours", N_("only messages from the last N hours"), kind=int, min=1, max=MAX_HOURS),
             ),
+            tool=ToolSpec(answers=True, status=N_("summarizing this channel…")),
         )
     )

@@ -28,6 +28,7 @@ from bot.api import (
     PluginContext,
     Reply,
     Request,
+    ToolSpec,
     _,
     hookimpl,
     language_code,
@@ -244,6 +245,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             options=(
                 Option("to", N_("target language (name or code)"), required=True, choices=("en", "fr", "de", "es")),
             ),
+            tool=ToolSpec(answers=True, status=N_("translating…"), text="the text to translate"),
         )
     )
     register(

@@ -40,6 +40,8 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         "max_reply_tokens": 48,
         # Semantic search is on by default; the tests that need it turn it on (tests/test_semantic*.py).
         "embeddings": False,
+        # Tools are on by default; tests/test_tools.py turns them on, so other tests' chats stay one generation.
+        "tools": False,
         "_env_file": None,
     }
     values.update(overrides)

@@ -96,6 +96,7 @@ class ScriptedServer(ThreadingHTTPServer):
         self.models: list[str] | None = ["fake-model"]
         self.chat: Behaviour = answer
         self.hits: list[str] = []
+        self.bodies: list[dict[str, Any]] = []  # every chat request's body, in order
         self.authorization: str | None = None  # the last request's Authorization header
         self.release = threading.Event()  # ends a `hang`
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -128,6 +129,8 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         self.server.hits.append(self.path)
         self.server.authorization = self.headers.get("Authorization")
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.path == "/v1/chat/completions":
+            self.server.bodies.append(body)
         if self.path != "/v1/chat/completions":
             self.send_json(404, {"detail": "Not Found"})
         elif "response_format" in body:
@@ -211,3 +214,35 @@ def unknown_model(handler: ScriptedHandler, body: dict[str, Any]) -> None:
     """What vLLM answers for a model it does not serve."""
     message = f"The model `{body.get('model')}` does not exist."
     handler.send_json(404, {"error": {"message": message, "type": "NotFoundError", "code": 404}})
+
+
+def with_tools(decisions: list[tuple[str, dict[str, Any]] | None]) -> Behaviour:
+    """A server that takes OpenAI's `tools` field: the start-up probe (tool_choice "required")
+    gets a call of its first tool; each later request offering tools gets the next of
+    `decisions` (a tool's name and arguments, or None: no call), streamed in pieces as OpenAI
+    streams them; a request without tools gets a plain answer."""
+    left = list(decisions)
+
+    def behave(handler: ScriptedHandler, body: dict[str, Any]) -> None:
+        tools = body.get("tools")
+        if not tools:
+            return answer(handler, body)
+        if body.get("tool_choice") == "required":
+            decision: tuple[str, dict[str, Any]] | None = (tools[0]["function"]["name"], {"ok": True})
+        else:
+            decision = left.pop(0) if left else None
+        if decision is None:
+            return answer(handler, body)
+        name, arguments = decision
+        text = json.dumps(arguments)
+        handler.start_events()
+        first = {"index": 0, "id": f"call_{len(left)}", "type": "function", "function": {"name": name, "arguments": ""}}
+        rest = {"index": 0, "function": {"arguments": text[: len(text) // 2]}}
+        last = {"index": 0, "function": {"arguments": text[len(text) // 2 :]}}
+        for part in (first, rest, last):
+            handler.send_event({"choices": [{"index": 0, "delta": {"tool_calls": [part]}, "finish_reason": None}]})
+        handler.send_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        handler.send_event("[DONE]")
+        handler.wfile.write(b"0\r\n\r\n")
+
+    return behave

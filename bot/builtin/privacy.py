@@ -32,6 +32,7 @@ from bot.api import (
     Redirect,
     Reply,
     Request,
+    ToolSpec,
     WebPage,
     WebRequest,
     _,
@@ -179,7 +180,17 @@ def register_jobs(context: PluginContext, register: JobRegistrar) -> None:
 def register_commands(register: Callable[[Command], None]) -> None:
     register(
         Command(
-            "forget", N_("erase stored data: yours, or (admins) a channel's or a user's"), forget, USAGE, private=True
+            "forget",
+            N_("erase stored data: yours, or (admins) a channel's or a user's"),
+            forget,
+            USAGE,
+            private=True,
+            tool=ToolSpec(
+                changes=True,
+                status=N_("erasing stored data…"),
+                text="me (your own data) or channel (this channel's messages)",
+                choices=("me", "channel"),
+            ),
         )
     )
     register(Command("export", N_("get everything stored about you as a JSON file"), export, "me"))

@@ -47,9 +47,18 @@ class ContextOverflow(EngineError):
 class ChatMessage:
     role: str
     content: str
+    # A tool call the assistant made (OpenAI's shape: id, type, function name and arguments) and,
+    # on the "tool" message that answers it, its id: chat templates that know tools read these.
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str = ""
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_dict(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = list(self.tool_calls)
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,8 @@ class GenerationOptions:
     stop: Sequence[str] = ()
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
+    # OpenAI-style tool definitions, sent as the `tools` field (feature "tools", the openai backend).
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,13 +79,16 @@ class ChatResult:
     text: str
     completion_tokens: int
     finish_reason: str | None
+    # The tool calls a server that takes `tools` returned (OpenAI's shape), in order.
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 class Engine(Protocol):
     """What plugins and the core may ask of a model backend."""
 
     n_ctx: int
-    # What this backend can do ("stream", "grammar", "json_schema", "tokenize", "embeddings", "lora");
+    # What this backend can do ("stream", "grammar", "json_schema", "tokenize", "embeddings", "lora",
+    # "tools": OpenAI's `tools` field with tool_choice honoured);
     # a plugin that needs a feature checks for it at start-up and says plainly when it is missing.
     features: frozenset[str]
 

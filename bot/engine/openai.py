@@ -49,6 +49,7 @@ ESTIMATE_BYTES_PER_TOKEN = 3
 EMBEDDINGS_HINT = "start the server with embeddings on (llama-server: --embeddings; llama-cpp-python: --embedding true)"
 PROBE = [{"role": "user", "content": "Say ok."}]
 PROBE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "Say ok.", "parameters": PROBE_SCHEMA}}
 
 
 def estimate_tokens(text: str) -> int:
@@ -89,6 +90,18 @@ def _error_text(response: httpx.Response) -> str:
         return _message_of(response.json())
     except ValueError:
         return response.text.strip()[:500] or response.reason_phrase
+
+
+def _add_call_piece(calls: dict[int, dict[str, Any]], part: dict[str, Any]) -> None:
+    """Join a streamed piece of a tool call to the call of its index (id and name come first,
+    the arguments' JSON in pieces)."""
+    call = calls.setdefault(
+        int(part.get("index") or 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+    )
+    call["id"] = part.get("id") or call["id"]
+    function = part.get("function") or {}
+    call["function"]["name"] += function.get("name") or ""
+    call["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _mean(vectors: list[list[float]]) -> list[float]:
@@ -213,6 +226,17 @@ class OpenAIEngine:
             break
         else:
             lacking["json_schema"] = "; ".join(reasons)
+        try:
+            # tool_choice "required" must give a call: a server that only forces named tools
+            # (llama-cpp-python's) would never call one on its own, so it gets the grammar instead.
+            probe = {**self._payload(PROBE, 32, 0.0), "tools": [PROBE_TOOL], "tool_choice": "required"}
+            calls = (await self._chat_payload(probe)).tool_calls
+            if calls and calls[0].get("function", {}).get("name") == "probe":
+                features.add("tools")
+            else:
+                lacking["tools"] = "it does not return tool calls for tool_choice=required"
+        except EngineError as exc:
+            lacking["tools"] = str(exc)
         try:
             await self._embed(["probe"], retries=0)
             features.add("embeddings")
@@ -415,9 +439,11 @@ class OpenAIEngine:
             raise EngineError(
                 f"{self.who} does not take JSON schemas (response_format); this request needs structured output."
             )
+        if options.tools and "tools" not in self.features:
+            raise EngineError(f"{self.who} does not return tool calls (the `tools` field).")
         contents = "\n".join(m.content for m in messages)
         prompt_tokens = await self.count_tokens(contents) + MESSAGE_OVERHEAD_TOKENS * len(messages)
-        return self._payload(
+        payload = self._payload(
             messages,
             min(options.max_tokens, reply_room(prompt_tokens, self.n_ctx)),
             options.temperature,
@@ -426,15 +452,20 @@ class OpenAIEngine:
             json_format=self.json_format,
             schema=options.json_schema,
         )
+        if options.tools:
+            payload.update(tools=list(options.tools), tool_choice="auto")
+        return payload
 
     async def _events(self, payload: dict[str, Any]) -> AsyncIterator[str | ChatResult]:
-        """Stream a chat completion: text pieces as they come, then a ChatResult without text.
+        """Stream a chat completion: text pieces as they come, then a ChatResult without text
+        (with the tool calls, whose pieces are joined by their index).
 
         A stream that ends without a finish reason was cut short (the server died, or
         llama-cpp-python's server interrupted it for a newer request): that is an error, so the
         partial reply is never taken for a finished one."""
         url = f"{self.base_url}/chat/completions"
         pieces, reason, usage = 0, None, None
+        calls: dict[int, dict[str, Any]] = {}
         async with self._request("POST", url, payload) as response:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -460,6 +491,8 @@ class OpenAIEngine:
                     if text:
                         pieces += 1
                         yield text
+                    for part in (choice.get("delta") or {}).get("tool_calls") or []:
+                        _add_call_piece(calls, part)
                     reason = choice.get("finish_reason") or reason
         if reason is None:
             raise EngineError(
@@ -469,7 +502,9 @@ class OpenAIEngine:
                 )
             )
         tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        yield ChatResult("", tokens if isinstance(tokens, int) else pieces, reason)
+        yield ChatResult(
+            "", tokens if isinstance(tokens, int) else pieces, reason, tuple(calls[i] for i in sorted(calls))
+        )
 
     async def _chat_payload(self, payload: dict[str, Any]) -> ChatResult:
         parts: list[str] = []
@@ -479,7 +514,7 @@ class OpenAIEngine:
                 parts.append(item)
             else:
                 finish = item
-        return ChatResult("".join(parts), finish.completion_tokens, finish.finish_reason)
+        return ChatResult("".join(parts), finish.completion_tokens, finish.finish_reason, finish.tool_calls)
 
     async def stream(self, messages: Sequence[ChatMessage], options: GenerationOptions) -> AsyncIterator[str]:
         async for item in self._events(await self._options_payload(messages, options)):

@@ -22,16 +22,27 @@ THINKING_WIDTH = 24  # wide enough to blank "… thinking 9999 s"
 
 
 ADMIN_HINT = N_("Admins here are the users listed in QUILL_ADMIN_IDS.")
+# Answers to a confirmation (y/N) that mean yes, in the languages quill speaks; anything else is no.
+YES = frozenset({"y", "yes", "是", "是的", "好", "确认", "確認"})
 
 
 class ConsoleTransport:
     """Sends lines typed in a terminal through the router and prints replies as they stream."""
 
-    def __init__(self, app: Quill, *, channel: str = "console", user: str | None = None, out: TextIO = sys.stdout):
+    def __init__(
+        self,
+        app: Quill,
+        *,
+        channel: str = "console",
+        user: str | None = None,
+        out: TextIO = sys.stdout,
+        read_line: Callable[[], Awaitable[str]] | None = None,
+    ):
         self.app = app
         self.channel = channel
         self.user = user or getpass.getuser()
         self.out = out
+        self.read_line = read_line or (lambda: asyncio.to_thread(sys.stdin.readline))
         app.scheduler.posters[TRANSPORT] = self.post
 
     def request(self, text: str) -> Request:
@@ -47,7 +58,17 @@ class ConsoleTransport:
             admin_hint=ADMIN_HINT,
             locale=self.app.settings.locale,
             place_locale=system_locale() or "",
+            confirm=self.confirm,
         )
+
+    async def confirm(self, question: str) -> bool:
+        """Ask on the terminal; only a yes (y, yes, 是, 确认, ...) confirms. End of input is no."""
+        self.out.write(f"\n{question} [y/N] ")
+        self.out.flush()
+        answer = (await self.read_line()).strip().casefold()
+        if not self.out.isatty():  # a terminal echoed the answer and its line break; a pipe did not
+            self.out.write("\n")
+        return answer in YES
 
     async def ask(self, text: str) -> Reply:
         """Send one message and print the reply; returns it (with `failed` set on errors)."""
@@ -140,7 +161,9 @@ class ConsoleTransport:
 
     async def repl(self, read_line: Callable[[], Awaitable[str]] | None = None) -> None:
         """Chat until end of input or /quit; the conversation persists between runs."""
-        read = read_line or (lambda: asyncio.to_thread(sys.stdin.readline))
+        if read_line is not None:
+            self.read_line = read_line
+        read = self.read_line
         await self.app.scheduler.run_jobs()  # scheduled jobs run while the chat is open
         self.out.write(
             f"{self.app.settings.bot_name} on {self.app.settings.model_path.name}; "

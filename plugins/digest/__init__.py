@@ -29,6 +29,7 @@ from bot.api import (
     Reply,
     Request,
     Section,
+    ToolSpec,
     _,
     format_date,
     format_datetime,
@@ -259,6 +260,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
             N_("what happened here (or in the channels named) since the last digest"),
             digest,
             usage="[channel ...]",
+            tool=ToolSpec(answers=True, status=N_("writing the digest…")),
         )
     )
     register(

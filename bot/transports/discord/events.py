@@ -18,6 +18,7 @@ from bot.api import Place, Reaction, Reply, Request, _, locale_scope
 from bot.router import clean_text
 from bot.transports.discord.admin import ADMIN_REFUSAL, Admin
 from bot.transports.discord.base import TRANSPORT, storing
+from bot.transports.discord.confirm import confirmer
 from bot.transports.discord.delivery import (
     ChannelDestination,
     Delivery,
@@ -146,6 +147,11 @@ class Events(Admin, Delivery):
             admin_hint=ADMIN_REFUSAL,
             place_locale=str(message.guild.preferred_locale) if message.guild else "",
             reply_to=str(message.reference.message_id) if message.reference and message.reference.message_id else None,
+            confirm=confirmer(
+                lambda **fields: message.channel.send(**fields),
+                message.author.id,
+                lambda: self.settings.tool_confirm_timeout,
+            ),
         )
 
     async def _is_help_question(self, message: discord.Message) -> bool:
@@ -204,7 +210,8 @@ class Events(Admin, Delivery):
             thread = await self._open_thread(message, request.text)
             if thread is not None:
                 channel, destination = thread, ChannelDestination(thread)
-                request = replace(request, channel_id=str(thread.id))
+                ask_there = confirmer(thread.send, message.author.id, lambda: self.settings.tool_confirm_timeout)
+                request = replace(request, channel_id=str(thread.id), confirm=ask_there)
         async with typing_indicator(channel):
             reply = await self.app.router.handle(request)
             delivered = await self._deliver(reply, self._target(reply, destination))

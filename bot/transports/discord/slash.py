@@ -21,6 +21,7 @@ from discord import app_commands
 from bot.api import Command, Option, Request, _, locale_scope
 from bot.transports.discord.admin import ADMIN_REFUSAL, Admin
 from bot.transports.discord.base import TRANSPORT
+from bot.transports.discord.confirm import confirmer
 from bot.transports.discord.delivery import Delivery, InteractionDestination
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class SlashCommands(Admin, Delivery):
             admin_hint=ADMIN_REFUSAL,
             locale=str(interaction.locale),
             place_locale=str(interaction.guild_locale or ""),
+            confirm=confirmer(
+                lambda **fields: interaction.followup.send(wait=True, ephemeral=True, **fields),
+                interaction.user.id,
+                lambda: self.settings.tool_confirm_timeout,
+            ),
         )
 
     async def run_slash_command(

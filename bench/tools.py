@@ -1,0 +1,217 @@
+"""The tool loop (bot/tools.py) on the default model, measured in one run:
+
+1. overhead on replies that call no tool: /chat with tools on against tools off, the same
+   messages in conversations of their own, one engine (target: <= 1.05x);
+2. time to first visible output when a tool is called (the status line) and to the first piece
+   of the tool's answer, against a plain reply's first piece;
+3. validity of the model's choices under the choice grammar over 50 varied requests in English
+   and Chinese: every one parseable JSON and valid for the chosen tool's schema (target: 100 %).
+
+    python -m bench.tools [--runs 3] [--requests 50] [--mode batched|single]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+
+from bench.common import bench_settings, machine_note, median, timed
+from bot.api import Request
+from bot.app import Quill
+from bot.engine import ChatMessage, GenerationOptions, start_engine
+from bot.tools import NO_TOOL, STATUS_PREFIX, choice_grammar, choice_tokens, examples
+
+SMALL_TALK = [
+    "Hi! How are you today?",
+    "Thanks, that was helpful.",
+    "你好！今天过得怎么样？",
+    "谢谢你的帮助。",
+    "Write a haiku about the sea.",
+]
+GUIDE = """# Deploying
+
+Staging deploys run from the orange pipeline button in Jenkins.
+
+Production deploys need two approvals and happen on Tuesdays only."""
+REQUESTS = [
+    "How do staging deploys run in our team?",
+    "What is our policy for production releases?",
+    "Who approves a production deploy?",
+    "What time is it?",
+    "What's the date today?",
+    "Summarize the last 5 hours of this channel.",
+    "Give me a summary of the last 50 messages.",
+    "Translate 'good morning' into French.",
+    "Please translate this to German: the build is green.",
+    "What happened here since the last digest?",
+    "List the documents in the knowledge base.",
+    "Remove the document called Style guide.",
+    "Forget everything you know about me.",
+    "Erase this channel's messages.",
+    "Schedule the digest every day at 9.",
+    "Turn moderation classification on.",
+    "Hello there!",
+    "Thanks a lot!",
+    "Tell me a joke.",
+    "Write a short poem about autumn.",
+    "How do I reset my password for the VPN?",
+    "Where is the onboarding checklist?",
+    "Can you explain what a mutex is?",
+    "What did we decide about the release date?",
+    "Good night!",
+    "我们团队的测试环境部署是怎么运行的？",
+    "生产环境发布需要谁批准？",
+    "我们的报销流程是怎样的？",
+    "现在几点了？",
+    "今天是几号？",
+    "总结一下这个频道最近五个小时的消息。",
+    "帮我总结最近五十条消息。",
+    "把“早上好”翻译成法语。",
+    "请把这句话翻译成英文：构建通过了。",
+    "上次摘要以来这里发生了什么？",
+    "知识库里有哪些文档？",
+    "删除名为风格指南的文档。",
+    "忘记你知道的关于我的一切。",
+    "删除这个频道的消息。",
+    "每天九点发布摘要。",
+    "打开审核分类。",
+    "你好！",
+    "非常感谢！",
+    "讲个笑话吧。",
+    "写一首关于秋天的短诗。",
+    "VPN 密码怎么重置？",
+    "新人入职清单在哪里？",
+    "能解释一下什么是互斥锁吗？",
+    "我们关于发布日期的决定是什么？",
+    "晚安！",
+]
+
+
+async def confirm_no(question: str) -> bool:
+    return False
+
+
+def request(text: str, channel: str) -> Request:
+    return Request("console", channel, "bench", text, author_name="bench", is_admin=True, confirm=confirm_no)
+
+
+async def chat(app: Quill, text: str, channel: str) -> tuple[str, float, float]:
+    reply = await app.router.handle(request(text, channel))
+    assert reply.stream is not None, reply.text
+    return await timed(reply.stream)
+
+
+async def overhead(plain: Quill, tools: Quill, runs: int) -> None:
+    ratios, skipped = [], 0
+    for run in range(runs):
+        plain_times, tool_times = [], []
+        for i, text in enumerate(SMALL_TALK):
+            channel = f"talk-{run}-{i}"
+            shown, _first, with_tools = await chat(tools, text, channel)
+            if shown.startswith(STATUS_PREFIX):  # the model called a tool: not a no-tool reply
+                skipped += 1
+                continue
+            tool_times.append(with_tools)
+            plain_times.append((await chat(plain, text, channel))[2])
+        if plain_times:
+            ratios.append(sum(tool_times) / sum(plain_times))
+    print(
+        f"no-tool reply, tools on / tools off (wall time, same messages): {median(ratios):.2f}x "
+        f"(median of {len(ratios)} runs; {skipped} replies that called a tool left out; target <= 1.05x)"
+    )
+
+
+async def first_output(plain: Quill, tools: Quill, runs: int) -> None:
+    for app in (plain, tools):
+        await app.router.handle(
+            Request("console", "kb", "bench", f'/kb-add name:"Deploy guide" {GUIDE}', is_admin=True)
+        )
+    status, answer, plain_first, called = [], [], [], 0
+    for run in range(runs):
+        question = REQUESTS[0] if run % 2 == 0 else REQUESTS[25]
+        reply = await tools.router.handle(request(question, "kb"))
+        assert reply.stream is not None
+        loop = asyncio.get_running_loop()
+        start, seen = loop.time(), []
+        async for piece in reply.stream:
+            seen.append((loop.time() - start, piece))
+        if seen and seen[0][1].startswith(STATUS_PREFIX) and len(seen) > 1:
+            called += 1
+            status.append(seen[0][0])
+            answer.append(seen[1][0])
+        plain_first.append((await chat(plain, question, f"kb-plain-{run}"))[1])
+    if not status:
+        print("first output with a tool: the model called no tool for the knowledge-base question")
+        return
+    print(
+        f"first visible output when a tool is called: status line {median(status):.2f} s, first piece of the "
+        f"tool's answer {median(answer):.2f} s; a plain reply's first piece {median(plain_first):.2f} s "
+        f"({called} of {runs} questions called a tool)"
+    )
+
+
+async def validity(app: Quill, count: int) -> None:
+    tools = app.toolbox.offered(request("x", "v"))
+    system = app.toolbox._choice_prompt(app.context.prompts.render("chat_system", bot_name="quill"), tools)
+    parsed = valid = 0
+    chosen: Counter[str] = Counter()
+    for text in REQUESTS[:count]:
+        messages = [ChatMessage("system", system), *examples(tools), ChatMessage("user", text)]
+        options = GenerationOptions(
+            max_tokens=choice_tokens(tools), temperature=0.0, grammar=choice_grammar(tools, text)
+        )
+        result = await app.engine.chat(messages, options)
+        try:
+            data = json.loads(result.text)
+        except ValueError:
+            print(f"  not JSON ({result.finish_reason}): {text!r} -> {result.text[:120]!r}")
+            continue
+        parsed += 1
+        name = data.get("tool")
+        chosen[name] += 1
+        try:
+            if name != NO_TOOL:
+                jsonschema.validate(data["arguments"], app.toolbox.tools[name].parameters)
+            valid += 1
+        except (KeyError, jsonschema.ValidationError) as exc:
+            print(f"  not valid: {text!r} -> {result.text[:120]!r}: {exc}")
+    n = min(count, len(REQUESTS))
+    print(f"tool choices under the grammar: {parsed}/{n} parseable, {valid}/{n} schema-valid (target: 100 %)")
+    print("  chosen: " + ", ".join(f"{name} {k}" for name, k in chosen.most_common()))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=len(REQUESTS))
+    parser.add_argument("--mode", choices=["batched", "single"], default="batched", help="QUILL_ENGINE_MODE")
+    args = parser.parse_args()
+    settings = bench_settings(engine_mode=args.mode, embeddings=False, max_reply_tokens=96)
+    engine = await start_engine(settings)
+    apps = []
+    for tools_on in (False, True):
+        data = Path(tempfile.mkdtemp(prefix="quill-bench-tools-"))
+        each = bench_settings(
+            engine_mode=args.mode, embeddings=False, max_reply_tokens=96, tools=tools_on, data_dir=data
+        )
+        apps.append(await Quill.start(each, engine=engine))
+    plain, tools = apps
+    try:
+        await overhead(plain, tools, args.runs)
+        await first_output(plain, tools, args.runs)
+        await validity(tools, args.requests)
+    finally:
+        for app in apps:
+            await app.close(close_engine=False)
+        await engine.close()
+    print(machine_note())
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
