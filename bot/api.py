@@ -5,8 +5,8 @@ Plugins import from here and from nothing else in `bot/`, so the core can change
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -94,6 +94,7 @@ __all__ = [
     "format_date",
     "format_datetime",
     "format_number",
+    "guild_tag",
     "has_cjk",
     "hookimpl",
     "language_label",
@@ -102,7 +103,10 @@ __all__ = [
     "ngettext",
     "normalize_locale",
     "off_loop",
+    "place_tag",
     "quote",
+    "state_tags",
+    "user_tag",
 ]
 
 S = TypeVar("S", bound=BaseModel)
@@ -124,6 +128,30 @@ def message_link(place: Place, message_id: str | None, channel_id: str | None = 
     if place.transport != "discord" or not place.guild_id or not message_id or not message_id.isdigit():
         return None
     return f"https://discord.com/channels/{place.guild_id}/{channel_id or place.channel_id}/{message_id}"
+
+
+def state_tags(place: Place | None = None, users: Iterable[str] = ()) -> frozenset[str]:
+    """Labels for a model request holding the messages of `place` and `users`
+    (`GenerationOptions.tags`): the engine keeps conversation states by them, and erasing a
+    place's (`place_tag`), a guild's (`guild_tag`) or a user's (`user_tag`) messages drops the
+    states labelled with it (`Engine.forget_states`)."""
+    tags = {user_tag(user) for user in users if user}
+    if place is not None:
+        tags |= {place_tag(place), guild_tag(place.guild_id)}
+    return frozenset(tags)
+
+
+def place_tag(place: Place) -> str:
+    return f"place:{place.transport}:{place.guild_id}:{place.channel_id}"
+
+
+def guild_tag(guild_id: str) -> str:
+    """Every place of this guild ("": DMs and the console, as retention counts them)."""
+    return f"guild:{guild_id}"
+
+
+def user_tag(user_id: str) -> str:
+    return f"user:{user_id}"
 
 
 def quote(text: str, author: str, link: str | None = None, limit: int = 140) -> str:
@@ -244,6 +272,8 @@ class PluginContext:
                 )
             )
         history = await self.memory.history(conv.id, budget, per_message=MESSAGE_OVERHEAD_TOKENS)
+        authors = {m.author_id for m in history if m.role == "user"} | {request.author_id}
+        options = replace(options, tags=options.tags | state_tags(request.place, authors))
         messages = [ChatMessage("system", system_prompt)]
         messages += [ChatMessage(m.role, m.content) for m in history]
         reply = Reply()
