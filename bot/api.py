@@ -6,8 +6,8 @@ Plugins import from here and from nothing else in `bot/`, so the core can change
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -123,6 +123,7 @@ __all__ = [
     "format_date",
     "format_datetime",
     "format_number",
+    "guild_tag",
     "has_cjk",
     "hookimpl",
     "language_code",
@@ -133,8 +134,11 @@ __all__ = [
     "ngettext",
     "normalize_locale",
     "off_loop",
+    "place_tag",
     "quote",
     "relevant",
+    "state_tags",
+    "user_tag",
 ]
 
 S = TypeVar("S", bound=BaseModel)
@@ -156,6 +160,30 @@ def message_link(place: Place, message_id: str | None, channel_id: str | None = 
     if place.transport != "discord" or not place.guild_id or not message_id or not message_id.isdigit():
         return None
     return f"https://discord.com/channels/{place.guild_id}/{channel_id or place.channel_id}/{message_id}"
+
+
+def state_tags(place: Place | None = None, users: Iterable[str] = ()) -> frozenset[str]:
+    """Labels for a model request holding the messages of `place` and `users`
+    (`GenerationOptions.tags`): the engine keeps conversation states by them, and erasing a
+    place's (`place_tag`), a guild's (`guild_tag`) or a user's (`user_tag`) messages drops the
+    states labelled with it (`Engine.forget_states`)."""
+    tags = {user_tag(user) for user in users if user}
+    if place is not None:
+        tags |= {place_tag(place), guild_tag(place.guild_id)}
+    return frozenset(tags)
+
+
+def place_tag(place: Place) -> str:
+    return f"place:{place.transport}:{place.guild_id}:{place.channel_id}"
+
+
+def guild_tag(guild_id: str) -> str:
+    """Every place of this guild ("": DMs and the console, as retention counts them)."""
+    return f"guild:{guild_id}"
+
+
+def user_tag(user_id: str) -> str:
+    return f"user:{user_id}"
 
 
 def quote(text: str, author: str, link: str | None = None, limit: int = 140) -> str:
@@ -257,7 +285,7 @@ class PluginContext:
         """
         options = options or self.options()
         started = time.monotonic()
-        conversation_id, history = await self.turn(request, system_prompt, options)
+        conversation_id, history, options = await self.turn(request, system_prompt, options)
         messages = [ChatMessage("system", system_prompt), *history]
         reply = Reply()
         # A tool's own answer is stored by the tool loop, as the user saw it (bot/tools.py).
@@ -278,9 +306,10 @@ class PluginContext:
 
     async def turn(
         self, request: Request, system_prompt: str, options: GenerationOptions
-    ) -> tuple[int, list[ChatMessage]]:
+    ) -> tuple[int, list[ChatMessage], GenerationOptions]:
         """Store the user's turn and return its conversation's id and history (the turn
-        included), trimmed to leave room for `system_prompt` and the reply. A tool's own request
+        included), trimmed to leave room for `system_prompt` and the reply, and `options` tagged
+        with whose messages that history holds. A tool's own request
         (`request.tool_call`) is not stored: its text ends the history instead."""
         conv = await self.memory.conversation(*request.place)
         assert conv.id is not None
@@ -314,7 +343,10 @@ class PluginContext:
         messages = [ChatMessage(m.role, m.content) for m in history]
         if request.tool_call:
             messages.append(ChatMessage("user", request.text))
-        return conv.id, messages
+        # Whose messages the prompt holds: the engine files the conversation's saved state under
+        # them, so /forget and retention can drop it (Engine.forget_states).
+        authors = {m.author_id for m in history if m.role == "user"} | {request.author_id}
+        return conv.id, messages, replace(options, tags=options.tags | state_tags(request.place, authors))
 
     async def remember(
         self, conversation_id: int | None, pieces: AsyncIterator[str], reply: Reply

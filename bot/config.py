@@ -170,6 +170,7 @@ class Settings(BaseSettings):
     batch_streams: int = Field(default=8, ge=1, le=64)
     batch_kv_mb: int = Field(default=128, ge=1)
     batch_cache_mb: int = Field(default=512, ge=0)
+    batch_disk_mb: int = Field(default=2048, ge=0)
     batch_prefill_chunk: int = Field(default=192, ge=16)
 
     # --- Tools (bot/tools.py): the model calls commands and MCP servers' tools ---

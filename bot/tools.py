@@ -535,7 +535,7 @@ class Toolbox:
         if not tools or not ({"tools", "grammar"} & ctx.engine.features) or request.tool_call:
             return await ctx.converse(request, system_prompt, options)
         options = options or ctx.options()
-        conversation_id, history = await ctx.turn(request, system_prompt, options)
+        conversation_id, history, options = await ctx.turn(request, system_prompt, options)
         reply = Reply()
         reply.stream = self._loop(request, system_prompt, history, tools, options, conversation_id, reply)
         return reply

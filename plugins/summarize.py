@@ -4,7 +4,9 @@ Any length works by map-reduce on token counts: messages are packed into chunks 
 context beside the prompt and the reply, each chunk becomes a short note (map), notes are packed
 and merged the same way until one call can take them all (reduce), and that last call answers
 in JSON bounded by a schema (key points, decisions, open questions, who said what). Each step
-at least halves the text, so model calls grow linearly with the number of messages.
+at least halves the text, so model calls grow linearly with the number of messages. The calls
+of one step (the map, each merge round) run concurrently, up to QUILL_BATCH_STREAMS of them, so
+the batched engine generates their notes together.
 
 Kept honest: every message goes in numbered (`[12] Ada: ...`), notes keep the numbers, and each
 point of the final JSON carries the numbers it rests on. A point citing no message, a number
@@ -15,11 +17,13 @@ summary.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints, create_model
@@ -127,8 +131,11 @@ def pack(costs: list[int], budget: int) -> list[range]:
 class Summarizer:
     """One summary's map-reduce over the lines of a chat log."""
 
-    def __init__(self, ctx: PluginContext) -> None:
+    def __init__(self, ctx: PluginContext, concurrency: int | None = None) -> None:
         self.ctx = ctx
+        # Calls of one step run together, as many as the engine decodes at once (QUILL_BATCH_STREAMS):
+        # the batched engine then generates their notes in the same steps. 1: one after another.
+        self.concurrency = concurrency or ctx.settings.batch_streams
         self.stats = Stats()
         self.config = ctx.config(SummarizeSettings)
         self.note_tokens = self.config.note_tokens
@@ -180,8 +187,26 @@ class Summarizer:
         if sum(costs) <= await self.budget("summarize_chunk", final=True):
             return await self.final("summarize_chunk", fitted)
         self.stats.chunks = len(chunks)
-        notes = [await self.note("summarize_chunk", [fitted[i] for i in chunk]) for chunk in chunks]
+        notes = await self.together([partial(self.note, "summarize_chunk", [fitted[i] for i in c]) for c in chunks])
         return await self.final("summarize_merge", await self.condense(notes))
+
+    async def together(self, calls: list[Callable[[], Awaitable[str]] | str]) -> list[str]:
+        """The results of `calls` in order (a text is its own result), at most `concurrency`
+        running at once; the first failure cancels the others and is raised as it is."""
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def bounded(call: Callable[[], Awaitable[str]] | str) -> str:
+            if isinstance(call, str):
+                return call
+            async with gate:
+                return await call()
+
+        tasks = [asyncio.ensure_future(bounded(call)) for call in calls]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def condense(self, notes: list[str]) -> list[str]:
         """Merge notes, a packed group per call, until all of them fit the final call. Merged
@@ -193,14 +218,14 @@ class Summarizer:
             notes, costs = await self.fit(notes, merge_budget)
             if sum(costs) <= final_budget:
                 return notes
-            merged = []
+            merged: list[Callable[[], Awaitable[str]] | str] = []
             for group in pack(costs, merge_budget):
                 if len(group) == 1 and costs[group[0]] <= self.note_tokens + 1:
                     merged.append(notes[group[0]])  # already note-sized: its turn comes next round
                 else:
-                    merged.append(await self.note("summarize_merge", [notes[i] for i in group]))
+                    merged.append(partial(self.note, "summarize_merge", [notes[i] for i in group]))
                     self.stats.merges += 1
-            notes = merged
+            notes = await self.together(merged)
             self.stats.levels.append(len(notes))
 
     async def note(self, prompt: str, texts: list[str]) -> str:

@@ -61,12 +61,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEngine]:
 def batched_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedEngine]:
     """The batched engine on the same model, shared by the session: a KV pool of exactly n_ctx
     (1,024) cells (QUILL_BATCH_KV_MB=1), 16 MB for saved conversations (about 700 tokens), small
-    prefill chunks and 4 streams, so tests reach its limits quickly."""
+    prefill chunks and 4 streams, so tests reach its limits quickly. No states on disk: its tests
+    count what host memory keeps (tests/test_warm_restart.py covers the disk)."""
     settings = make_settings(
         tmp_path_factory.mktemp("batched"),
         n_ctx=1024,
         batch_kv_mb=1,
         batch_cache_mb=16,
+        batch_disk_mb=0,
         batch_streams=4,
         batch_prefill_chunk=64,
     )

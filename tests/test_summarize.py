@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from bot.api import Place, Request
 from bot.app import Quill
 from bot.engine import ChatMessage, ChatResult, GenerationOptions, Model
+from bot.engine.batched import BatchedEngine
 from bot.engine.local import LocalEngine
 from plugins.summarize import (
     Point,
@@ -239,3 +241,89 @@ def test_a_point_resting_only_on_the_bots_own_answers_is_dropped() -> None:
     stats = Stats()
     assert [p.text for _, p in checked(summary, sources, stats)] == ["The login page broke"]
     assert (stats.proposed, stats.dropped) == (3, 2)
+
+
+class InFlightEngine(CountingEngine):
+    """The real engine, counting generations and the most of them in flight at once."""
+
+    def __init__(self, inner: LocalEngine) -> None:
+        super().__init__(inner)
+        self.running = self.most = 0
+
+    async def chat(self, messages: Sequence[ChatMessage], options: GenerationOptions) -> ChatResult:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            return await super().chat(messages, options)
+        finally:
+            self.running -= 1
+
+
+CHINESE = ("阿达", "贝拉", "赛")
+
+
+async def seed_language(app: Quill, count: int, language: str, channel: str) -> int:
+    conv = await app.memory.conversation("discord", "g1", channel)
+    for i in range(count):
+        if language == "zh":
+            name, text = CHINESE[i % 3], f"第{i}条消息：发布计划的第{i}项，周四上线前要完成测试。"
+        else:
+            name, text = NAMES[i % 3], f"message {i}: the release plan item {i}, tested before Thursday."
+        await app.memory.add_message(conv.id, role="user", content=text, author_id=name, author_name=name)
+    return conv.id
+
+
+@pytest.fixture
+async def batched_app(tmp_path: Path, batched_engine: BatchedEngine) -> AsyncIterator[Quill]:
+    """The batched engine (4 streams) with small chunks and notes: several calls per step."""
+    settings = make_settings(tmp_path, n_ctx=batched_engine.n_ctx, batch_streams=batched_engine.settings.batch_streams)
+    quill = await Quill.start(settings, engine=batched_engine)
+    config = quill.context.config(SummarizeSettings)
+    config.chunk_tokens, config.note_tokens, config.max_items = 128, 16, 1
+    yield quill
+    await quill.close(close_engine=False)
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+async def test_map_and_merge_calls_run_together_same_calls_as_one_by_one(batched_app: Quill, language: str) -> None:
+    """The calls of a step are generated together by the batched engine (more than one in flight,
+    steps advancing several), and make as many calls, chunks and merge rounds as one by one."""
+    engine: BatchedEngine = batched_app.engine  # type: ignore[assignment]
+    watching = InFlightEngine(engine)  # type: ignore[arg-type]
+    ctx = dataclasses.replace(batched_app.context, engine=watching)
+    conv_id = await seed_language(batched_app, 24, language, f"together-{language}")
+    lines = log_lines(await batched_app.memory.recent_messages(conv_id, 5000))
+    runs = {}
+    for concurrency in (1, None):
+        summarizer = Summarizer(ctx, concurrency=concurrency)
+        fitted, _, chunks = await summarizer.plan(lines)
+        watching.calls = watching.most = 0
+        shared = engine.stats.shared_steps
+        notes = await summarizer.together(
+            [partial(summarizer.note, "summarize_chunk", [fitted[i] for i in c]) for c in chunks]
+        )
+        condensed = await summarizer.condense(notes)
+        runs[concurrency] = (summarizer.stats, watching.calls, watching.most, engine.stats.shared_steps - shared)
+        assert len(notes) == len(chunks) >= 3 and all(isinstance(n, str) and n for n in notes)
+        assert condensed and all(isinstance(n, str) for n in condensed)
+    (alone, alone_calls, alone_most, alone_shared), (together, calls, most, shared) = runs[1], runs[None]
+    assert alone_most == 1 and alone_shared == 0
+    assert most > 1 and most <= engine.settings.batch_streams and shared > 0
+    assert (together.calls, together.chunks, together.merges) == (alone.calls, alone.chunks, alone.merges)
+    assert calls == alone_calls == together.calls
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+async def test_summarize_on_the_batched_engine_replies_in_the_same_format(batched_app: Quill, language: str) -> None:
+    await seed_language(batched_app, 24, language, "c1")
+    reply = await batched_app.router.handle(request("/summarize"))
+    assert not reply.failed, reply.text
+    footer = reply.text.rsplit("\n\n", 1)[-1]
+    if language == "en":
+        assert reply.title == "Summary of the last 24 messages"
+        assert re.fullmatch(
+            r"_24 messages, [2-9] part\(s\), \d+ model calls(, \d+ unsupported point\(s\) dropped)?\._", footer
+        )
+    else:
+        assert reply.title and "24" in reply.title
+        assert footer.startswith("_") and footer.endswith("_") and "24" in footer

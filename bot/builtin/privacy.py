@@ -36,8 +36,11 @@ from bot.api import (
     WebPage,
     WebRequest,
     _,
+    guild_tag,
     hookimpl,
     ngettext,
+    place_tag,
+    user_tag,
 )
 from bot.memory import MAX_RETENTION_DAYS
 from bot.models import utcnow
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 
 USAGE = "me | channel | user <id>"
 TEMPLATES = Path(__file__).parent / "templates" / "privacy"
+# Named like a plugin where an erase failed: the engine's saved conversation states.
+ENGINE = "engine"
 
 
 class RetentionSettings(PluginSettings):
@@ -85,23 +90,27 @@ async def forget(ctx: PluginContext, request: Request) -> Reply:
             return Reply(_("Usage: /forget user <id or mention>"), failed=True)
         return await _forget_user(ctx, user_id, _("user {id}", id=user_id))
     count = await ctx.memory.forget_place(*request.place)
+    states_kept = await _forget_states(ctx, [place_tag(request.place)])
     log.info("forgot channel %s/%s: %d messages", request.guild_id, request.channel_id, count)
-    return Reply(
-        ngettext(
-            "Erased this channel's memory: {count} message.", "Erased this channel's memory: {count} messages.", count
-        )
+    erased = ngettext(
+        "Erased this channel's memory: {count} message.", "Erased this channel's memory: {count} messages.", count
     )
+    if states_kept:
+        not_erased = _("Not erased: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=ENGINE)
+        return Reply(f"{erased} {not_erased}", failed=True)
+    return Reply(erased)
 
 
 async def _forget_user(ctx: PluginContext, user_id: str, who: str) -> Reply:
     """Erase quill's rows, then ask every plugin in turn; the reply lists what went and names
     any plugin that failed, so a partial erase is never reported as a whole one."""
     counts = await ctx.memory.forget_user(user_id)
+    states_kept = await _forget_states(ctx, [user_tag(user_id)])
     results = await ctx.hooks.call("forget_user", user_id=user_id)
     if erased := sum(int(r.value) for r in results if not r.failed and r.value):
         counts["plugin data"] = erased
     log.info("forgot user %s: %s", user_id, counts or "nothing stored")
-    failed = _failed(results)
+    failed = ", ".join(filter(None, [_failed(results), ENGINE if states_kept else ""]))
     not_erased = _("Not erased: what the plugin(s) {plugins} keep; that failed and is logged.", plugins=failed)
     failures = f" {not_erased}" if failed else ""
     if not counts:
@@ -154,8 +163,22 @@ async def apply_retention(ctx: PluginContext, now: datetime | None = None) -> di
     """The retention job: delete old messages per guild, log how many."""
     key = ctx.registry.entry(PrivacyGuild).key("retention_days")
     deleted = await ctx.memory.apply_retention(ctx.config(RetentionSettings).days, key, now)
+    if deleted:
+        await _forget_states(ctx, [guild_tag(guild) for guild in deleted])
     log.info("retention: deleted %s", deleted or "nothing")
     return deleted
+
+
+async def _forget_states(ctx: PluginContext, tags: list[str]) -> bool:
+    """Drop the engine's saved conversation states (host memory, disk) that may hold erased
+    messages; True when that failed (logged), so the reply never calls the erase whole."""
+    try:
+        dropped = await ctx.engine.forget_states(tags)
+    except Exception:
+        log.exception("could not drop the model's saved states for %s", tags)
+        return True
+    log.info("dropped %d saved model state(s) for %s", dropped, tags)
+    return False
 
 
 def _safe(text: str) -> str:

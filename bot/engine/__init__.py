@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -72,6 +72,9 @@ class GenerationOptions:
     json_schema: dict[str, Any] | None = None
     # OpenAI-style tool definitions, sent as the `tools` field (feature "tools", the openai backend).
     tools: tuple[dict[str, Any], ...] = ()
+    # Whose messages the prompt holds (`bot.api.state_tags`: place, guild, users): a backend that
+    # keeps conversation states drops the ones holding erased messages (`forget_states`).
+    tags: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,11 @@ class Engine(Protocol):
         without dropping queued requests (feature "lora")."""
         ...
 
+    async def forget_states(self, tags: Collection[str] | None = None) -> int:
+        """Drop kept conversation states that may hold messages with any of `tags` (and those
+        kept without tags); None drops all. How many were dropped."""
+        ...
+
     async def close(self) -> None:
         """Stop the backend; pending requests fail."""
         ...
@@ -143,12 +151,7 @@ async def structured_chat(
 ) -> Model:
     """Ask for JSON matching `model`'s schema, then validate it: the grammar bounds the shape,
     but a reply cut short by `max_tokens` can still be incomplete."""
-    constrained = GenerationOptions(
-        max_tokens=options.max_tokens,
-        temperature=options.temperature,
-        stop=options.stop,
-        json_schema=model.model_json_schema(),
-    )
+    constrained = replace(options, grammar=None, json_schema=model.model_json_schema())
     result = await engine.chat(messages, constrained)
     try:
         return model.model_validate_json(result.text)

@@ -34,8 +34,9 @@ import bisect
 import ctypes
 import logging
 import queue
+import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from llama_cpp.llama_grammar import LLAMA_GRAMMAR_DEFAULT_ROOT
 from bot.config import Settings
 from bot.engine import ChatMessage, ContextOverflow, EngineError, GenerationOptions
 from bot.engine.contexts import fill_batch, new_context
+from bot.engine.kvstore import DiskState, StateStore, matches, state_key
 from bot.engine.local import LocalEngine, _Finish, _Job, attach_lora
 from bot.types import Text
 
@@ -72,6 +74,11 @@ class _SwapAdapter:
     path: Path | None
 
 
+@dataclass(frozen=True)
+class _ForgetStates:
+    tags: frozenset[str] | None  # None: every state
+
+
 @dataclass
 class BatchStats:
     """Counters the tests and benchmarks read (the worker writes them)."""
@@ -91,8 +98,16 @@ class BatchStats:
     warm: int = 0  # conversations saved for their prefix
     warm_tokens: int = 0  # tokens those states hold
     warm_bytes: int = 0  # host memory they take (QUILL_BATCH_CACHE_MB bounds it)
+    disk_states: int = 0  # states saved on disk for this model and adapter (QUILL_BATCH_DISK_MB)
+    disk_writes: int = 0
+    disk_restores: int = 0  # restores read from disk (the first turn after a restart)
     steps: int = 0
     mixed_steps: int = 0  # steps that decoded running replies and prefilled a prompt together
+    shared_steps: int = 0  # steps that advanced more than one request (decoding or prefilling)
+    # Seconds in llama_decode evaluating prompts and generating replies; a mixed step's time is
+    # split by its share of tokens (an estimate: a prompt token costs less than a lone decoded one).
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
     kv_cells: int = 0
     kv_bytes_per_token: int = 0
 
@@ -103,6 +118,8 @@ class _Saved:
 
     tokens: list[int]
     state: Any  # a ctypes byte array from llama_state_seq_get_data
+    tags: frozenset[str] = frozenset()  # whose messages it holds (bot.api state_tags)
+    disk: DiskState | None = None  # its copy on disk, if written
 
 
 @dataclass(eq=False)
@@ -125,6 +142,8 @@ class _Sequence:
     text: bytearray = field(default_factory=bytearray)  # the completion detokenized, token by token
     sent: int = 0  # bytes of `text` already emitted
     parked: Any = None  # while preempted: its KV state in host memory (None: evaluate again)
+    tags: frozenset[str] = frozenset()  # the request's (GenerationOptions.tags)
+    keep: bool = True  # False once its messages were erased: its state is not saved
 
     @property
     def prefilling(self) -> bool:
@@ -202,6 +221,8 @@ class BatchedEngine(LocalEngine):
         self._free_ids: list[int] = []
         self._adapters: dict[Path, Any] = {}
         self._stopping = False
+        disk = settings.batch_disk_mb * 2**20
+        self._store = StateStore(settings.data_dir / "kv", disk) if disk else None
 
     # -- worker side: setup ----------------------------------------------------------------
 
@@ -222,6 +243,7 @@ class BatchedEngine(LocalEngine):
         self._free_ids = list(range(self._n_seq))
         self.stats.kv_cells, self.stats.kv_bytes_per_token = self._n_cells, per_token
         self.stats.sequences = self._n_seq
+        self._open_store()
         self._update_gauges()
         log.info(
             "batched engine: %d KV cells (%d MB), %d streams, prefill chunk %d, %d MB for saved conversations",
@@ -232,6 +254,15 @@ class BatchedEngine(LocalEngine):
             s.batch_cache_mb,
         )
 
+    def _open_store(self) -> None:
+        """Use the disk folder of the model and adapter served now (none is shared by another)."""
+        if self._store is None:
+            return
+        params = self._llm.context_params
+        layout = f"llama.cpp {llama_cpp.__version__}, K {params.type_k}, V {params.type_v}"
+        key = state_key(self.settings.model_path, self.adapter, self._store.root / "hashes.json", layout)
+        self._store.open(key)
+
     def _serve(self) -> None:
         try:
             while not self._stopping:
@@ -241,6 +272,7 @@ class BatchedEngine(LocalEngine):
                 if self._active:
                     self._step()
         finally:
+            self._spill_all()
             stopped = EngineError("The model engine stopped.")
             for seq in self._active + self._parked:
                 seq.job.emit("error", stopped)
@@ -287,7 +319,10 @@ class BatchedEngine(LocalEngine):
                 return
         while self._pending and not self._stopping:
             job = self._pending[0]
-            if isinstance(job.request, _SwapAdapter):
+            if isinstance(job.request, _ForgetStates):
+                self._pending.popleft()
+                self._finish_job(job, self._forget_states, job.request.tags)
+            elif isinstance(job.request, _SwapAdapter):
                 if self._active or self._parked:
                     return  # requests already running finish with the adapter they began with
                 self._pending.popleft()
@@ -312,7 +347,9 @@ class BatchedEngine(LocalEngine):
 
     def _finish_job(self, job: _Job, action: Any, *args: Any) -> None:
         try:
-            action(*args)
+            result = action(*args)
+            if result is not None:
+                job.emit("item", result)
             job.emit("done", None)
         except Exception as exc:
             log.exception("engine job failed")
@@ -338,6 +375,7 @@ class BatchedEngine(LocalEngine):
         sampler = self._sampler(request.options, grammar)
         self._arrivals += 1
         seq = _Sequence(job, self._arrivals, -1, prompt, [], min(request.options.max_tokens, room), stops, sampler)
+        seq.tags = request.options.tags
         self._place(seq, free)
         return True
 
@@ -350,7 +388,7 @@ class BatchedEngine(LocalEngine):
         """Give `seq` a free sequence id, fill it from the saved state sharing the longest
         prefix of what it must evaluate, and put it among the running ones in admission order."""
         seq.seq_id = self._free_ids.pop()
-        shared = self._restore(seq.seq_id, seq.prompt, room=free)
+        shared = self._restore(seq, room=free)
         seq.kv = seq.prompt[:shared]
         self.stats.prompt_tokens_reused += shared
         bisect.insort(self._active, seq, key=lambda s: s.arrival)
@@ -396,35 +434,51 @@ class BatchedEngine(LocalEngine):
         seq.kv = []
         self.stats.recomputed += 1
 
-    def _restore(self, seq_id: int, prompt: list[int], room: int) -> int:
-        """Copy the saved state sharing the longest prefix with `prompt` into `seq_id` and cut
-        it there; how many prompt tokens it covers (0: evaluate all)."""
-        source, shared = None, 0
-        for key, saved in self._saved.items():
-            n = common_prefix(saved.tokens, prompt)
+    def _restore(self, seq: _Sequence, room: int) -> int:
+        """Copy the saved state (host memory or disk) sharing the longest prefix with the
+        prompt into the sequence and cut it there; how many prompt tokens it covers (0:
+        evaluate all). What is kept is the prompt's own beginning: the request's tags cover it."""
+        prompt = seq.prompt
+        source: _Saved | DiskState | None = None
+        shared = 0
+        on_disk = self._store.states if self._store is not None else []
+        for candidate in [*self._saved.values(), *on_disk]:
+            n = common_prefix(candidate.tokens, prompt)
             if n > shared:
-                source, shared = key, n
+                source, shared = candidate, n
         shared = min(shared, len(prompt) - 1)  # the last prompt token is evaluated for its logits
         if source is None or shared < MIN_SHARED_PREFIX:
             return 0
-        saved = self._saved[source]
-        if len(saved.tokens) > room:  # the whole state must fit before its tail is cut
+        if len(source.tokens) > room:  # the whole state must fit before its tail is cut
             return 0
-        self._saved.move_to_end(source)
-        if not llama_cpp.llama_state_seq_set_data(self._ctx, saved.state, len(saved.state), seq_id):
+        saved = self._read_back(source) if isinstance(source, DiskState) else source
+        if saved is None:
+            return 0
+        self._saved.move_to_end(next(k for k, v in self._saved.items() if v is saved))
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, saved.state, len(saved.state), seq.seq_id):
             log.warning("could not restore a saved conversation (%d tokens); evaluating it", len(saved.tokens))
-            llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
             return 0
-        llama_cpp.llama_memory_seq_rm(self._mem, seq_id, shared, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, shared, -1)
         self.stats.restores += 1
         return shared
+
+    def _read_back(self, disk: DiskState) -> _Saved | None:
+        """Read a state from disk back into host memory (None: the file was bad, and is gone)."""
+        assert self._store is not None
+        data = self._store.read(disk)
+        if data is None:
+            self._update_gauges()
+            return None
+        self.stats.disk_restores += 1
+        return self._keep(_Saved(disk.tokens, (ctypes.c_uint8 * len(data)).from_buffer(data), disk.tags, disk))
 
     def _release(self, seq: _Sequence, *, keep: bool) -> None:
         """A request leaves, its sequence id freed at once; its state is first saved to host
         memory (`keep`) for the conversation's next turn."""
         self._active.remove(seq)
         llama_cpp.llama_sampler_free(seq.sampler)
-        if keep and seq.kv:
+        if keep and seq.keep and seq.kv:
             self._save(seq)
         llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
         self._free_ids.append(seq.seq_id)
@@ -443,21 +497,64 @@ class BatchedEngine(LocalEngine):
         return state
 
     def _save(self, seq: _Sequence) -> None:
-        budget = self.settings.batch_cache_mb * 2**20
-        state = self._snapshot(seq.seq_id, limit=budget)
+        state = self._snapshot(seq.seq_id, limit=self.settings.batch_cache_mb * 2**20)
         if state is None:
             return
-        # Saved states this one extends hold nothing it does not: drop them.
+        # Saved states this one extends hold nothing it does not: drop them, on disk too.
         for key, saved in list(self._saved.items()):
             if len(saved.tokens) <= len(seq.kv) and seq.kv[: len(saved.tokens)] == saved.tokens:
                 del self._saved[key]
+                if saved.disk is not None and self._store is not None:
+                    self._store.remove(saved.disk)
+        if self._store is not None:
+            for disk in [d for d in self._store.states if seq.kv[: len(d.tokens)] == d.tokens]:
+                self._store.remove(disk)
+        self._keep(_Saved(list(seq.kv), state, seq.tags))
+
+    def _keep(self, saved: _Saved) -> _Saved:
+        """Hold `saved` in host memory, the most recently used; the least recently used go
+        beyond QUILL_BATCH_CACHE_MB, to disk where QUILL_BATCH_DISK_MB allows."""
         self._saved_key += 1
-        self._saved[self._saved_key] = _Saved(list(seq.kv), state)
+        self._saved[self._saved_key] = saved
+        budget = self.settings.batch_cache_mb * 2**20
         total = sum(len(s.state) for s in self._saved.values())
-        while total > budget:
+        while total > budget and len(self._saved) > 1:
             _, dropped = self._saved.popitem(last=False)
             total -= len(dropped.state)
+            self._spill(dropped)
             self.stats.evictions += 1
+        self._update_gauges()
+        return saved
+
+    def _spill(self, saved: _Saved) -> None:
+        """Write a state leaving host memory to disk, unless it is there already."""
+        if self._store is not None and saved.disk is None:
+            saved.disk = self._store.write(saved.tokens, saved.tags, memoryview(saved.state).cast("B"))
+            self.stats.disk_writes += saved.disk is not None
+
+    def _spill_all(self) -> None:
+        """Write every state in host memory to disk (the engine stops, or the adapter changes)."""
+        for saved in self._saved.values():
+            self._spill(saved)
+
+    def _forget_states(self, tags: frozenset[str] | None) -> int:
+        """Drop the saved states that may hold erased messages (`kvstore.matches`), in host
+        memory and on disk, and keep running requests holding them from saving theirs; how
+        many states were dropped."""
+        dropped = 0
+        for key, saved in list(self._saved.items()):
+            if matches(saved.tags, tags):
+                del self._saved[key]
+                if saved.disk is not None and self._store is not None:
+                    self._store.remove(saved.disk)
+                dropped += 1
+        if self._store is not None:
+            dropped += self._store.forget(tags)
+        for seq in self._active + self._parked:
+            if matches(seq.tags, tags):
+                seq.keep = False
+        self._update_gauges()
+        return dropped
 
     def _update_gauges(self) -> None:
         self.stats.running, self.stats.free = len(self._active), len(self._free_ids)
@@ -465,6 +562,7 @@ class BatchedEngine(LocalEngine):
         self.stats.warm = len(self._saved)
         self.stats.warm_tokens = sum(len(s.tokens) for s in self._saved.values())
         self.stats.warm_bytes = sum(len(s.state) for s in self._saved.values())
+        self.stats.disk_states = len(self._store.states) if self._store is not None else 0
 
     # -- worker side: one step -------------------------------------------------------------
 
@@ -496,8 +594,13 @@ class BatchedEngine(LocalEngine):
                         outputs.append((seq, len(entries) - 1))
                 chunks.append((seq, chunk))
                 budget -= len(chunk)
+        started = time.perf_counter()
         if not entries or not self._decode(entries):
             return
+        elapsed = time.perf_counter() - started
+        self.stats.generation_seconds += elapsed * decoding / len(entries)
+        self.stats.prompt_seconds += elapsed * (len(entries) - decoding) / len(entries)
+        self.stats.shared_steps += decoding + len(chunks) > 1
         for seq, _ in outputs[:decoding]:
             seq.kv.append(seq.pending)
             seq.pending = None
@@ -634,8 +737,10 @@ class BatchedEngine(LocalEngine):
         all are dropped."""
         path = path.resolve() if path is not None else None
         attach_lora(self._ctx, self._llm._model.model, self._adapters, path)
+        self._spill_all()  # under the old adapter's key, for when it comes back
         self.adapter = path
         self._saved.clear()
+        self._open_store()
         self._update_gauges()
 
     # -- async side ------------------------------------------------------------------------
@@ -646,3 +751,11 @@ class BatchedEngine(LocalEngine):
     async def set_adapter(self, path: Path | None) -> None:
         async for _ in self._run(None, _SwapAdapter(Path(path) if path is not None else None)):
             pass
+
+    async def forget_states(self, tags: Collection[str] | None = None) -> int:
+        """Drop the saved states (host memory and disk) that may hold messages with any of
+        `tags`, and untagged ones; None drops all. Runs at once, between two steps."""
+        dropped = 0
+        async for count in self._run(None, _ForgetStates(None if tags is None else frozenset(tags))):
+            dropped = count
+        return dropped

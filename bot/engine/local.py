@@ -12,7 +12,7 @@ import logging
 import queue
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,6 +233,18 @@ class LocalEngine:
 
         async for _ in self._run(work):
             pass
+
+    async def forget_states(self, tags: Collection[str] | None = None) -> int:
+        """Single mode keeps one state, the prompt `Llama` evaluated last, and no tags for it:
+        drop it whatever was erased."""
+
+        def work(llm: Any) -> Iterator[None]:
+            llm.reset()
+            yield None
+
+        async for _ in self._run(work):
+            pass
+        return 1
 
     def _swap_adapter(self, llm: Any, path: Path | None) -> None:
         path = path.resolve() if path is not None else None

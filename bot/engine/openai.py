@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -593,6 +593,11 @@ class OpenAIEngine:
             return [[float(x) for x in v] for v in vectors]
         except (KeyError, TypeError, IndexError) as exc:
             raise EngineError(f"{self.who} sent embeddings in an unknown shape.") from exc
+
+    async def forget_states(self, tags: Collection[str] | None = None) -> int:
+        """A server's prompt cache is its own: no OpenAI-compatible API drops it by whose
+        messages it holds. It is only ever reused for a prompt that starts with the same text."""
+        return 0
 
     async def set_adapter(self, path: Path | None) -> None:
         """A server loads adapters itself; say exactly how instead of pretending."""
