@@ -203,9 +203,9 @@ async def main() -> None:
         apps.append(await Quill.start(each, engine=engine))
     plain, tools = apps
     try:
+        await validity(tools, args.requests)
         await overhead(plain, tools, args.runs)
         await first_output(plain, tools, args.runs)
-        await validity(tools, args.requests)
     finally:
         for app in apps:
             await app.close(close_engine=False)

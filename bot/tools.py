@@ -583,32 +583,23 @@ class Toolbox:
             outcome = await self.call(tool, call, request)
             if outcome.final:
                 shown = []
-                async for piece in _pieces(outcome.reply, ctx.settings.tool_timeout):
+                async for piece in _pieces(outcome.reply):
                     shown.append(piece)
                     yield piece
                 await ctx.remember_answer(conversation_id, "".join(shown), reply)
                 return
-            result = "".join([piece async for piece in _pieces(outcome.reply, ctx.settings.tool_timeout)])
+            result = "".join([piece async for piece in _pieces(outcome.reply)])
             done += [call.message(), ChatMessage("tool", result[:RESULT_CHARS], tool_call_id=call.id)]
         messages = [ChatMessage("system", system_prompt), *history, *done]
         async for piece in ctx.remember(conversation_id, ctx.engine.stream(messages, options), reply):
             yield piece
 
 
-async def _pieces(reply: Reply, timeout: float) -> AsyncIterator[str]:
-    """A tool's reply as text pieces, each within `timeout` seconds."""
+async def _pieces(reply: Reply) -> AsyncIterator[str]:
+    """A tool's reply as text pieces. A command's stream is already guarded by the router (each
+    piece within QUILL_PLUGIN_TIMEOUT); an MCP call is whole once `Tool.run` returned."""
     if reply.stream is None:
         yield reply.text
         return
-    iterator = aiter(reply.stream)
-    try:
-        while True:
-            try:
-                async with asyncio.timeout(timeout):
-                    piece = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            yield piece
-    finally:
-        if (aclose := getattr(iterator, "aclose", None)) is not None:
-            await aclose()
+    async for piece in reply.stream:
+        yield piece
