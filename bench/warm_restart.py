@@ -54,6 +54,7 @@ def settings_for(folder: Path, disk: bool) -> Settings:
         seed=1,
         max_reply_tokens=16,
         embeddings=False,
+        plugin_timeout=3600,  # a cold long history on a loaded machine can take minutes
         batch_disk_mb=2048 if disk else 0,
         _env_file=None,  # type: ignore[call-arg]
     )
@@ -93,7 +94,10 @@ async def prepare(folder: Path, messages: int, language: str) -> None:
         for i in range(messages - 2):
             role = "assistant" if i % 4 == 3 else "user"
             await app.memory.add_message(
-                conv.id, role=role, content=f"{lines[i % len(lines)]} (#{i})", author_id="ada" if role == "user" else "quill"
+                conv.id,
+                role=role,
+                content=f"{lines[i % len(lines)]} (#{i})",
+                author_id="ada" if role == "user" else "quill",
             )
         reply = await app.router.handle(request(lines[0]))
         assert reply.stream is not None, reply.text
@@ -127,7 +131,10 @@ async def run(messages: int, language: str, runs: int) -> None:
         )
         model = settings_for(base, True).model_path
         first, again = hash_cost(model, root)
-        print(f"model hash ({model.stat().st_size / 2**20:.0f} MB): {first:.2f} s computed, {again * 1000:.1f} ms remembered")
+        print(
+            f"model hash ({model.stat().st_size / 2**20:.0f} MB): {first:.2f} s computed, "
+            f"{again * 1000:.1f} ms remembered"
+        )
         warm, cold = [], []
         for i in range(runs):
             for disk in (True, False) if i % 2 == 0 else (False, True):

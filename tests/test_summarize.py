@@ -313,17 +313,14 @@ async def test_map_and_merge_calls_run_together_same_calls_as_one_by_one(batched
     assert calls == alone_calls == together.calls
 
 
-@pytest.mark.parametrize("language", ["en", "zh"])
-async def test_summarize_on_the_batched_engine_replies_in_the_same_format(batched_app: Quill, language: str) -> None:
-    await seed_language(batched_app, 24, language, "c1")
+async def test_summarize_on_the_batched_engine_replies_in_the_same_format(batched_app: Quill) -> None:
+    """The whole command with its calls together, on Chinese messages (English ones: the test
+    above and test_summarize_command_replies_with_a_titled_summary). Slow on a loaded machine
+    (the final JSON under its grammar): one language only."""
+    await seed_language(batched_app, 24, "zh", "c1")
     reply = await batched_app.router.handle(request("/summarize"))
     assert not reply.failed, reply.text
+    assert reply.title == "Summary of the last 24 messages"
     footer = reply.text.rsplit("\n\n", 1)[-1]
-    if language == "en":
-        assert reply.title == "Summary of the last 24 messages"
-        assert re.fullmatch(
-            r"_24 messages, [2-9] part\(s\), \d+ model calls(, \d+ unsupported point\(s\) dropped)?\._", footer
-        )
-    else:
-        assert reply.title and "24" in reply.title
-        assert footer.startswith("_") and footer.endswith("_") and "24" in footer
+    dropped = r"(, \d+ unsupported point\(s\) dropped)?"
+    assert re.fullmatch(rf"_24 messages, [2-9] part\(s\), \d+ model calls{dropped}\._", footer)
