@@ -279,7 +279,7 @@ async def test_a_server_with_only_chat_says_what_it_lacks(
     async with started(openai_settings(tmp_path, scripted.url)) as engine:
         assert engine.features == {"stream"}
         lacking = {r.getMessage().split("'")[1] for r in caplog.records if "lacks" in r.getMessage()}
-        assert lacking == {"grammar", "json_schema", "embeddings", "tokenize"}
+        assert lacking == {"grammar", "json_schema", "tools", "embeddings", "tokenize"}
         with pytest.raises(EngineError, match="does not serve embeddings"):
             await engine.embed(["x"])
         with pytest.raises(EngineError, match="does not take GBNF grammars"):
