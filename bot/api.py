@@ -44,6 +44,7 @@ from bot.i18n import available as available_locales
 from bot.i18n import normalize as normalize_locale
 from bot.memory import Memory, off_loop
 from bot.metrics import ReplyMetrics
+from bot.models import ModerationReport
 from bot.plugin_config import (
     ChannelSettings,
     GuildSettings,
@@ -94,6 +95,7 @@ __all__ = [
     "LanguageChannel",
     "LanguageUser",
     "MemberSettings",
+    "ModerationReport",
     "Option",
     "OptionError",
     "Page",

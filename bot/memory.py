@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from bot.models import Conversation, Message, ScopeSetting, UserSetting, utcnow
+from bot.models import Conversation, Message, ModerationReport, ScopeSetting, UserSetting, utcnow
 from bot.textindex import index_text
 from bot.types import QuillError, Text
 
@@ -318,6 +318,39 @@ class Memory:
                 session.add(row)
             session.commit()
 
+    # -- moderation reports ----------------------------------------------------------------
+
+    @off_loop
+    def add_report(self, report: ModerationReport) -> ModerationReport:
+        """Store one moderation report (plugins/moderate.py); committed when this returns."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            session.add(report)
+            session.commit()
+        return report
+
+    @off_loop
+    def reports(self, transport: str, guild_id: str, limit: int) -> list[ModerationReport]:
+        """A guild's newest reports first."""
+        query = (
+            select(ModerationReport)
+            .where(ModerationReport.transport == transport, ModerationReport.guild_id == guild_id)
+            .order_by(col(ModerationReport.created_at).desc(), col(ModerationReport.id).desc())
+            .limit(limit)
+        )
+        with Session(self.engine) as session:
+            return list(session.exec(query))
+
+    @off_loop
+    def delete_report(self, transport: str, guild_id: str, report_id: int) -> bool:
+        """Dismiss one of a guild's reports (never another guild's); whether it was there."""
+        query = delete(ModerationReport).where(
+            col(ModerationReport.id) == report_id,
+            ModerationReport.transport == transport,
+            ModerationReport.guild_id == guild_id,
+        )
+        with self.engine.begin() as conn:
+            return bool(conn.execute(query).rowcount)
+
     # -- data controls ---------------------------------------------------------------------
 
     @off_loop
@@ -388,7 +421,7 @@ class Memory:
 
     @off_loop
     def apply_retention(self, default_days: int, key: str, now: datetime | None = None) -> dict[str, int]:
-        """Delete messages older than each guild's setting `key`, in days (else `default_days`;
+        """Delete messages (and moderation reports) older than each guild's setting `key`, in days (else `default_days`;
         0 keeps them forever); returns deletions per guild ("" = DMs and the console).
 
         Each guild in its own transaction: a guild whose setting is unusable (stored before
@@ -415,11 +448,13 @@ class Memory:
                 return 0
             if not isinstance(days, int) or isinstance(days, bool) or not 0 < days <= MAX_RETENTION_DAYS:
                 raise ValueError(f"{key} is {days!r}, not a whole number from 0 to {MAX_RETENTION_DAYS}")
+            cutoff = now - timedelta(days=days)
             places = select(Conversation.id).where(Conversation.guild_id == guild)
-            query = delete(Message).where(
-                col(Message.conversation_id).in_(places), col(Message.created_at) < now - timedelta(days=days)
+            query = delete(Message).where(col(Message.conversation_id).in_(places), col(Message.created_at) < cutoff)
+            reports = delete(ModerationReport).where(
+                ModerationReport.guild_id == guild, col(ModerationReport.created_at) < cutoff
             )
-            return conn.execute(query).rowcount
+            return conn.execute(query).rowcount + conn.execute(reports).rowcount
 
 
 def _setting_scope(guild_id: str, channel_id: str, user_id: str) -> tuple[type[Any], dict[str, str]]:

@@ -204,3 +204,26 @@ class MessageVector(SQLModel, table=True):
     message_id: int = Field(foreign_key="message.id", primary_key=True, ondelete="CASCADE")
     model: str = Field(max_length=100, index=True)
     vector: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+# --- Moderation (plugins/moderate.py) ----------------------------------------------------------
+
+
+class ModerationReport(SQLModel, table=True):
+    """A flagged message as reported to the mod channel, kept for the panel's Moderation page.
+    Personal data (author_id): /forget erases it, /export lists it, retention drops old ones."""
+
+    __tablename__ = "moderation_report"
+    __table_args__ = (Index("ix_moderation_report_place", "transport", "guild_id", "created_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    transport: str = Field(max_length=32)
+    guild_id: str = Field(default="", max_length=32)
+    channel_id: str = Field(max_length=64)
+    message_id: str = Field(default="", max_length=64)
+    author_id: str = Field(max_length=64, sa_column_kwargs={"info": PERSONAL})
+    author_name: str = Field(default="", max_length=128)
+    excerpt: str = Field(sa_column=Column(Text, nullable=False))
+    reasons: str = Field(sa_column=Column(Text, nullable=False))
+    deleted: bool = False
+    created_at: datetime = _timestamp()

@@ -13,6 +13,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -22,13 +23,21 @@ from bot.api import (
     ChatMessage,
     Command,
     GuildSettings,
+    ModerationReport,
+    Page,
+    Place,
     PluginContext,
     PluginSettings,
+    Redirect,
     Reply,
     Request,
     ToolSpec,
+    WebPage,
+    WebRequest,
     _,
+    has_cjk,
     hookimpl,
+    message_link,
 )
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,8 @@ log = logging.getLogger(__name__)
 LABELS = ("ok", "toxic", "spam")
 GRAMMAR = "root ::= " + " | ".join(f'"{label}"' for label in LABELS)
 EXCERPT_CHARS = 300
+PAGE_REPORTS = 100
+TEMPLATES = Path(__file__).parent / "templates" / "moderate"
 USAGE = N_(
     "Usage: /moderation [status] | add <term> | remove <term> | channel <channel id>|here | "
     "classify on|off | delete on|off"
@@ -77,10 +88,19 @@ def _normal(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
+def _pattern(term: str) -> str:
+    """Whole words, where words are spaced: Chinese is written without spaces, so an edge of the
+    term that is a CJK character needs no boundary (机密 is found in 这是机密文件)."""
+    term = _normal(term)
+    before = "" if has_cjk(term[:1]) else r"(?<!\w)"
+    after = "" if has_cjk(term[-1:]) else r"(?!\w)"
+    return before + re.escape(term) + after
+
+
 def matched_terms(text: str, terms: list[str]) -> list[str]:
     """The terms found in `text` as whole words, ignoring case and look-alike forms."""
     body = _normal(text)
-    return [t for t in terms if re.search(rf"(?<!\w){re.escape(_normal(t))}(?!\w)", body)]
+    return [t for t in terms if t.strip() and re.search(_pattern(t), body)]
 
 
 async def classify(ctx: PluginContext, text: str) -> str:
@@ -117,10 +137,23 @@ async def on_message(context: PluginContext, request: Request) -> Reply | None:
             reasons.append(_("model: {label}", label=label))
     if not reasons:
         return None
+    excerpt = request.text[:EXCERPT_CHARS] + ("…" if len(request.text) > EXCERPT_CHARS else "")
+    await context.memory.add_report(
+        ModerationReport(
+            transport=request.transport,
+            guild_id=request.guild_id,
+            channel_id=request.channel_id,
+            message_id=request.message_id or "",
+            author_id=request.author_id,
+            author_name=request.author_name,
+            excerpt=excerpt,
+            reasons=", ".join(reasons),
+            deleted=config.delete and bool(config.channel),
+        )
+    )
     if not config.channel:
         log.warning("message %s flagged (%s) but no mod channel is set", request.message_id, ", ".join(reasons))
         return None
-    excerpt = request.text[:EXCERPT_CHARS] + ("…" if len(request.text) > EXCERPT_CHARS else "")
     who = request.author_name or request.author_id
     where = f"<#{request.channel_id}>" if request.transport == "discord" else request.channel_id
     message = request.message_id or _("(no id)")
@@ -137,11 +170,27 @@ async def on_message(context: PluginContext, request: Request) -> Reply | None:
     return Reply(f"{text}\n{quoted}", channel_id=config.channel, delete_original=config.delete)
 
 
+async def change_terms(ctx: PluginContext, place: Place, action: str, term: str) -> tuple[str, bool]:
+    """Add or remove one of a guild's own terms, for /moderation and the panel alike; the answer
+    and whether it failed."""
+    term = term.strip()
+    terms = (await ctx.scoped(ModerationGuild, place)).terms
+    if not term:
+        return _(USAGE), True
+    if action == "add":
+        if term not in terms:
+            await ctx.update(ModerationGuild, place, terms=[*terms, term])
+        return _("Messages with “{term}” will be reported.", term=term), False
+    if term not in terms:
+        return _("“{term}” is not one of this guild's terms (global terms are in the settings).", term=term), True
+    await ctx.update(ModerationGuild, place, terms=[t for t in terms if t != term])
+    return _("“{term}” is no longer flagged.", term=term), False
+
+
 async def moderation(ctx: PluginContext, request: Request) -> Reply:
     action, _sep, value = request.text.partition(" ")
     action, value = action.lower() or "status", value.strip()
     config = await in_force(ctx, request)
-    terms = config.own_terms
     switch = {"on": True, "off": False}.get(value.lower())
     if action == "status":
         on, off = _("on"), _("off")
@@ -152,18 +201,11 @@ async def moderation(ctx: PluginContext, request: Request) -> Reply:
             _("Delete flagged messages: {state}", state=on if config.delete else off),
         ]
         return Reply("\n".join(lines))
+    if action in ("add", "remove") and value:
+        answer, failed = await change_terms(ctx, request.place, action, value)
+        return Reply(answer, failed=failed)
     changes: dict[str, object]
-    if action == "add" and value:
-        changes = {"terms": [*terms, value] if value not in terms else terms}
-        answer = _("Messages with “{term}” will be reported.", term=value)
-    elif action == "remove" and value in terms:
-        changes = {"terms": [t for t in terms if t != value]}
-        answer = _("“{term}” is no longer flagged.", term=value)
-    elif action == "remove" and value:
-        return Reply(
-            _("“{term}” is not one of this guild's terms (global terms are in the settings).", term=value), failed=True
-        )
-    elif action == "channel" and value:
+    if action == "channel" and value:
         channel = request.channel_id if value.lower() == "here" else value.strip("<#>")
         changes = {"channel": channel}
         answer = _("Reports go to {channel}.", channel=channel)
@@ -202,3 +244,33 @@ def register_commands(register: Callable[[Command], None]) -> None:
             ),
         )
     )
+
+
+# -- admin panel page -----------------------------------------------------------------------
+
+
+async def moderation_page(ctx: PluginContext, request: WebRequest) -> Page | Redirect:
+    """A server's recent reports (newest first, with jump links) to dismiss, and its own terms
+    to add or remove as /moderation does."""
+    place = request.place
+    if request.method == "POST":
+        action = request.form.get("action", "")
+        if action == "dismiss":
+            report = request.form.get("report", "")
+            if report.isdigit() and await ctx.memory.delete_report(place.transport, place.guild_id, int(report)):
+                return Redirect(request.url(), _("Report dismissed."))
+            return Redirect(request.url(), _("There is no such report here."), error=True)
+        if action in ("add", "remove"):
+            answer, failed = await change_terms(ctx, place, action, request.form.get("term", ""))
+            return Redirect(request.url(), answer, error=failed)
+        return Redirect(request.url(), _(USAGE), error=True)
+    reports = await ctx.memory.reports(place.transport, place.guild_id, PAGE_REPORTS)
+    rows = [(r, message_link(place, r.message_id, r.channel_id)) for r in reports]
+    everywhere = ctx.config(ModerationSettings).terms
+    own = (await ctx.scoped(ModerationGuild, place)).terms
+    return Page("moderation.html", {"rows": rows, "own": own, "everywhere": everywhere})
+
+
+@hookimpl
+def register_web_pages(register: Callable[[WebPage], None]) -> None:
+    register(WebPage("moderation", N_("Moderation"), moderation_page, TEMPLATES, post=True))

@@ -15,7 +15,7 @@ from sqlalchemy import inspect
 from sqlmodel import SQLModel, select
 
 from bot.memory import Memory, StorageError, alembic_config, include_name, make_db_engine, upgrade_schema
-from bot.models import ScopeSetting, utcnow
+from bot.models import ModerationReport, ScopeSetting, utcnow
 
 
 @pytest.fixture
@@ -210,4 +210,35 @@ def test_upgrade_namespaces_the_old_setting_keys(db_url: str) -> None:
     back = {k: v for k, v in old.items() if v is not None}
     back[("g1", "", "moderation")] = {"terms": ["机密", "secret"], "channel": "mods", "delete": True}
     assert stored() == back
+    engine.dispose()
+
+
+def test_the_moderation_reports_table_comes_and_goes_with_its_migration(db_url: str) -> None:
+    """0010 adds moderation_report after 0009 (rows survive a second upgrade), and downgrade drops it."""
+    engine = make_db_engine(db_url)
+    upgrade_schema(engine, "0009_22_user_settings")
+    assert "moderation_report" not in inspect(engine).get_table_names()
+    upgrade_schema(engine)
+    assert "moderation_report" in inspect(engine).get_table_names()
+    with engine.begin() as conn:
+        conn.execute(
+            ModerationReport.__table__.insert().values(
+                transport="discord",
+                guild_id="g1",
+                channel_id="c1",
+                message_id="m1",
+                author_id="u1",
+                author_name="小明",
+                excerpt="机密",
+                reasons="term “机密”",
+                deleted=False,
+                created_at=utcnow(),
+            )
+        )
+    upgrade_schema(engine)
+    with engine.connect() as conn:
+        assert conn.execute(select(ModerationReport.excerpt)).scalars().all() == ["机密"]
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0009_22_user_settings")
+    assert "moderation_report" not in inspect(engine).get_table_names()
     engine.dispose()

@@ -79,3 +79,24 @@ async def test_a_broken_moderation_config_does_not_stop_other_plugins(app: Quill
     (posted,) = await app.router.observe(request("Bonjour à tous, la réunion est reportée à demain matin."))
     assert posted.text.startswith("Mallory (French → English): ")
     assert not (await app.router.handle(request("/kb-list"))).failed
+
+
+async def test_each_flagged_message_is_stored_as_a_report_chinese_and_english(app: Quill) -> None:
+    app.context.config(ModerationSettings).terms = ["badword", "机密"]
+    await admin(app, "/moderation channel mods")
+    await admin(app, "/moderation delete on")
+    assert await app.router.observe(request("hello everyone")) == []
+    await app.router.observe(request("这份文件是机密，不要外传", message_id="m1"))
+    await app.router.observe(request("this BADWORD again", message_id="m2", author_id="u8", author_name=""))
+    newest, oldest = await app.memory.reports("discord", "g1", 10)
+    assert (newest.message_id, newest.author_id, newest.excerpt) == ("m2", "u8", "this BADWORD again")
+    assert newest.reasons == "term “badword”" and newest.deleted and newest.channel_id == "general"
+    # The reasons as the report said them, in the message's language.
+    assert (oldest.message_id, oldest.author_name, oldest.reasons) == ("m1", "Mallory", "词语“机密”")
+    assert await app.memory.reports("discord", "g2", 10) == []
+
+
+def test_chinese_terms_match_inside_unspaced_chinese_text() -> None:
+    text = "这份文件是机密，不要外传 (top SECRET)"
+    assert matched_terms(text, ["机密", "外传", "secret", "秘密", "cret"]) == ["机密", "外传", "secret"]
+    assert matched_terms("机密文件", ["机密x"]) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -13,9 +14,11 @@ import pytest
 
 from bot.app import Quill
 from bot.engine.local import LocalEngine
+from bot.models import utcnow
 from bot.web.app import Panel
 from bot.web.auth import LoginTokens, discord_visitor
 from tests.conftest import make_settings
+from tests.test_moderate import request
 from tests.test_plugins import greeter  # noqa: F401  (the fixture: a plugin installed by entry point)
 from tests.web_helpers import (
     CSRF,
@@ -76,6 +79,7 @@ def guarded_paths(space: str) -> list[str]:
         f"/s/{space}/schedule/schedules",
         f"/s/{space}/finetune/runs",
         f"/s/{space}/privacy/privacy",
+        f"/s/{space}/moderate/moderation",
     ]
 
 
@@ -419,3 +423,102 @@ async def test_a_third_party_plugins_settings_appear_with_no_panel_code_of_its_o
         assert reply.text == "你好, Ada!"
     finally:
         await quill.close(close_engine=False)
+
+
+# -- the Moderation page (plugins/moderate.py) ----------------------------------------------
+
+MODERATION = f"/s/discord-{MANAGED}/moderate/moderation"
+
+
+def reports_table(html: str) -> str:
+    return html.split('id="reports"')[1].split("</table>")[0]
+
+
+async def flag(app: Quill, text: str, **fields: object) -> None:
+    values: dict[str, object] = {"guild_id": MANAGED, "channel_id": "333", **fields}
+    await app.router.observe(request(text, **values))
+
+
+async def test_reports_are_listed_newest_first_escaped_with_jump_links_and_kept_to_their_server(
+    admin: httpx.AsyncClient, web_app: Quill
+) -> None:
+    await web_app.memory.set_settings(MANAGED, "", {"moderate.terms": ["机密", "badword"]})
+    await flag(web_app, "这份文件是机密，不要外传", message_id="444", author_name="小明")
+    await flag(web_app, "<script>alert(1)</script> badword", message_id="555", author_id="u9")
+    await web_app.memory.set_settings(OTHER, "", {"moderate.terms": ["badword"]})
+    await flag(web_app, "their badword", guild_id=OTHER, message_id="666")
+    table = reports_table((await admin.get(MODERATION)).text)
+    assert table.index("badword") < table.index("机密") and "小明" in table and "词语“机密”" in table
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; badword" in table and "<script>" not in table
+    assert f'href="https://discord.com/channels/{MANAGED}/333/444"' in table
+    assert "their badword" not in table
+    (theirs,) = await web_app.memory.reports("discord", OTHER, 10)
+    csrf = await csrf_of(admin, MODERATION)
+    refused = await admin.post(MODERATION, data={"csrf": csrf, "action": "dismiss", "report": str(theirs.id)})
+    assert "There is no such report here." in (await admin.get(refused.headers["location"])).text
+    assert len(await web_app.memory.reports("discord", OTHER, 10)) == 1  # another server's: untouched
+    mine = await web_app.memory.reports("discord", MANAGED, 10)
+    await admin.post(MODERATION, data={"csrf": csrf, "action": "dismiss", "report": str(mine[0].id)})
+    assert [r.message_id for r in await web_app.memory.reports("discord", MANAGED, 10)] == ["444"]
+
+
+async def test_a_term_added_on_the_page_flags_the_next_message_and_bad_input_is_told(
+    admin: httpx.AsyncClient, web_app: Quill
+) -> None:
+    csrf = await csrf_of(admin, MODERATION)
+    for term in ("凤凰", "phoenix"):
+        added = await admin.post(MODERATION, data={"csrf": csrf, "action": "add", "term": f"  {term} "})
+        assert added.status_code == 303
+        assert f"Messages with “{term}” will be reported." in (await admin.get(added.headers["location"])).text
+    await flag(web_app, "凤凰项目明天上线", message_id="1")
+    await flag(web_app, "Project PHOENIX ships", message_id="2")
+    await flag(web_app, "nothing to see", message_id="3")
+    assert [r.reasons for r in await web_app.memory.reports("discord", MANAGED, 10)] == [
+        "term “phoenix”",
+        "词语“凤凰”",
+    ]
+    terms = (await admin.get(MODERATION)).text.split('id="terms"')[1].split("</ul>")[0]
+    assert "凤凰" in terms and "phoenix" in terms
+    empty = await admin.post(MODERATION, data={"csrf": csrf, "action": "add", "term": "   "})
+    assert "Usage: /moderation" in (await admin.get(empty.headers["location"])).text
+    missing = await admin.post(MODERATION, data={"csrf": csrf, "action": "remove", "term": "dragon"})
+    assert "“dragon” is not one of this guild" in (await admin.get(missing.headers["location"])).text
+    await admin.post(MODERATION, data={"csrf": csrf, "action": "remove", "term": "phoenix"})
+    await flag(web_app, "phoenix again", message_id="4")
+    assert len(await web_app.memory.reports("discord", MANAGED, 10)) == 2
+    assert "凤凰" in (await admin.get(MODERATION)).text
+
+
+async def test_a_post_without_the_csrf_token_changes_nothing(admin: httpx.AsyncClient, web_app: Quill) -> None:
+    await web_app.memory.set_settings(MANAGED, "", {"moderate.terms": ["badword"]})
+    await flag(web_app, "badword", message_id="7")
+    (report,) = await web_app.memory.reports("discord", MANAGED, 10)
+    html = (await admin.get(MODERATION)).text
+    assert all(CSRF.search(f) for f in re.findall(r"<form[^>]*method=\"post\".*?</form>", html, re.S))
+    for data in ({}, {"csrf": "forged"}):
+        for form in ({"action": "dismiss", "report": str(report.id)}, {"action": "add", "term": "x"}):
+            assert (await admin.post(MODERATION, data={**data, **form})).status_code == 403
+    assert len(await web_app.memory.reports("discord", MANAGED, 10)) == 1
+    assert "x" not in (await web_app.memory.get_settings(MANAGED, "", "moderate"))["moderate.terms"]
+
+
+async def test_forget_erases_a_persons_reports_and_export_lists_them(web_app: Quill) -> None:
+    await web_app.memory.set_settings(MANAGED, "", {"moderate.terms": ["机密"]})
+    await flag(web_app, "机密文件", message_id="8", author_id="u5")
+    await flag(web_app, "又是机密", message_id="9", author_id="u6")
+    exported = await web_app.memory.export_user("u5")
+    assert [r["excerpt"] for r in exported["moderation_report"]] == ["机密文件"]
+    reply = await web_app.router.handle(request("/forget me", guild_id=MANAGED, author_id="u5"))
+    assert not reply.failed, reply.text
+    assert [r.author_id for r in await web_app.memory.reports("discord", MANAGED, 10)] == ["u6"]
+    assert "moderation_report" not in await web_app.memory.export_user("u5")
+
+
+async def test_retention_deletes_old_reports_with_old_messages(web_app: Quill) -> None:
+    await web_app.memory.set_settings(MANAGED, "", {"moderate.terms": ["badword"], "privacy.retention_days": 30})
+    await flag(web_app, "badword here", message_id="10")
+    key = "privacy.retention_days"
+    await web_app.memory.apply_retention(0, key, now=utcnow() + timedelta(days=29))
+    assert len(await web_app.memory.reports("discord", MANAGED, 10)) == 1
+    await web_app.memory.apply_retention(0, key, now=utcnow() + timedelta(days=31))
+    assert await web_app.memory.reports("discord", MANAGED, 10) == []
