@@ -25,7 +25,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llama_cpp import LlamaGrammar
 
-from bot.api import Request
 from bot.app import Quill
 from bot.config import McpServer, Settings
 from bot.engine.local import LocalEngine
@@ -43,6 +42,7 @@ from bot.tools import (
 from bot.transports.console import ConsoleTransport
 from tests.conftest import make_settings
 from tests.openai_servers import LlamaCppServer, ScriptedServer, with_tools
+from tests.test_qa import request
 from tests.test_router import read
 
 GUIDE = """# Deploying
@@ -71,20 +71,6 @@ class Asker:
     async def __call__(self, question: str) -> bool:
         self.questions.append(question)
         return self.answer
-
-
-def request(text: str, **fields: object) -> Request:
-    values: dict[str, object] = {
-        "transport": "discord",
-        "guild_id": "g1",
-        "channel_id": "help",
-        "author_id": "u1",
-        "author_name": "Bea",
-        "text": text,
-        "is_admin": True,
-    }
-    values.update(fields)
-    return Request(**values)  # type: ignore[arg-type]
 
 
 def tool_settings(tmp_path: Path, **overrides: object) -> Settings:
