@@ -581,6 +581,8 @@ class Toolbox:
             tool = self.tools[call.name]
             yield STATUS_PREFIX + _(tool.status or RUNNING, name=tool.name) + "\n"
             outcome = await self.call(tool, call, request)
+            if outcome.reply.empty:  # e.g. /ask found nothing for "tell me a joke": just chat
+                break
             if outcome.final:
                 shown = []
                 async for piece in _pieces(outcome.reply):

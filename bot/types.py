@@ -143,6 +143,9 @@ class Reply:
     # A PNG shown with the reply (a digest's chart): inside the embed on Discord, written beside
     # the post in the console.
     image: bytes | None = None
+    # The handler had nothing to give (a search that found nothing): the chat's tool loop then
+    # answers as if no tool had been called, rather than showing that to someone who only chatted.
+    empty: bool = False
 
 
 # The context is bot.api.PluginContext; typed loosely here so this module imports nothing of bot/.

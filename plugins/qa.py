@@ -121,10 +121,12 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
         ctx.config(QaSettings).max_sources,
         min_relevance=ctx.settings.qa_min_relevance,
     )
-    # A past message that is itself a question (someone's earlier /ask, say) answers nothing.
-    hits = [h for h in hits if not (h.kind == "message" and is_question(h.text))]
+    # A past message that is itself a question (someone's earlier /ask, say) answers nothing, nor
+    # does the asker's own message (stored before a tool call of the chat runs this search).
+    question = request.text.strip()
+    hits = [h for h in hits if not (h.kind == "message" and (is_question(h.text) or h.text.strip() == question))]
     if not hits:
-        return Reply(_(NOTHING_FOUND))
+        return Reply(_(NOTHING_FOUND), empty=True)
     labels = [source_label(h, request.place) for h in hits]
     texts = await fit_sources(ctx, hits)
     sources = [

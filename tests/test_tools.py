@@ -299,6 +299,22 @@ async def test_a_server_that_takes_tools_drives_the_loop_and_a_cancel_changes_no
             await quill.close()
 
 
+@pytest.mark.parametrize("chat", ["tell me a joke", "给我讲个笑话"])
+async def test_an_ask_call_that_finds_nothing_is_answered_as_plain_chat(tmp_path: Path, chat: str) -> None:
+    """A small model calls /ask for chit-chat too; with nothing found, the person who only chatted
+    gets the chat's own answer, not the knowledge base's "nothing found"."""
+    with ScriptedServer() as server:
+        server.chat = with_tools([("ask", {"text": chat})])
+        quill = await scripted_app(tmp_path, server)
+        try:
+            shown = await read(await quill.router.handle(request(chat, confirm=Asker(False))))
+            assert shown.startswith(STATUS_PREFIX) and shown.endswith("Hello there."), shown
+            assert "knowledge base and past messages" not in shown and "知识库" not in shown.split("\n", 1)[1]
+            assert [m["role"] for m in server.bodies[-1]["messages"]][-1] == "user"  # no tool result passed on
+        finally:
+            await quill.close()
+
+
 async def test_a_result_goes_back_as_a_tool_message_and_the_rate_limit_holds(tmp_path: Path) -> None:
     with ScriptedServer() as server:
         server.chat = with_tools([("time", {}), None, ("time", {})])
