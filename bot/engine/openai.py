@@ -46,8 +46,12 @@ RETRY_MAX_DELAY = 10.0
 # Without a tokenizer, a token is taken to be 3 bytes of UTF-8: English averages about 4,
 # so history trimming errs on the safe side.
 ESTIMATE_BYTES_PER_TOKEN = 3
-EMBEDDINGS_HINT = "start the server with embeddings on (llama-server: --embeddings; llama-cpp-python: --embedding true)"
+EMBEDDINGS_HINT = (
+    "start the server with embeddings on (llama-server: --embeddings --pooling mean, as a chat model names no "
+    "pooling of its own; llama-cpp-python: --embedding true)"
+)
 PROBE = [{"role": "user", "content": "Say ok."}]
+PROBE_TEXT = "the cat sat on the mat"
 PROBE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "Say ok.", "parameters": PROBE_SCHEMA}}
 
@@ -238,7 +242,7 @@ class OpenAIEngine:
         except EngineError as exc:
             lacking["tools"] = str(exc)
         try:
-            await self._embed(["probe"], retries=0)
+            await self._check_batched_embeddings()
             features.add("embeddings")
         except EngineError as exc:
             lacking["embeddings"] = f"{str(exc).rstrip('.')}. To use them, {EMBEDDINGS_HINT}."
@@ -257,6 +261,19 @@ class OpenAIEngine:
         )
         for feature, why in lacking.items():
             log.warning("inference server %s lacks %r: %s", self.base_url, feature, why)
+
+    async def _check_batched_embeddings(self) -> None:
+        """Embed a text twice in one request: a server that gives it two different vectors mixes
+        up texts embedded together (llama-server with a KV cache per slot, `--parallel` N without
+        `--kv-unified`), so each text is sent on its own from then on."""
+        first, _, again = await self._embed([PROBE_TEXT, "a different text", PROBE_TEXT], retries=0)
+        if max((abs(a - b) for a, b in zip(first, again, strict=True)), default=0.0) > 1e-4:
+            self._embed_one_by_one = True
+            log.warning(
+                "inference server %s gave one text two different embeddings in one request; quill sends each text "
+                "on its own (slower). llama-server does this with --parallel N unless started with --kv-unified.",
+                self.base_url,
+            )
 
     async def _find_counter(self) -> bool:
         """Pick how to count tokens: the server's tokenizer, the local vocabulary of the same
