@@ -1,14 +1,15 @@
-"""A real MCP server over stdio, written with the `mcp` SDK's server side, for tests/test_tools.py:
-`python tests/mcp_server.py NOTES_FILE`. Its tools read and append to NOTES_FILE, so a test sees
-what a call changed; `crash` kills the process in the middle of a call, `hang` never answers."""
+"""A real MCP server written with the `mcp` SDK's server side, for tests/test_tools.py:
+`python tests/mcp_server.py NOTES_FILE` over stdio, or `... NOTES_FILE --http PORT` over
+streamable HTTP at http://127.0.0.1:PORT/mcp. Its tools read and append to NOTES_FILE, so a test
+sees what a call changed; `crash` kills the process in the middle of a call, `hang` never answers."""
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 
 NOTES = Path(sys.argv[1])
@@ -38,11 +39,14 @@ def crash(reason: str) -> str:
 
 
 @server.tool()
-def hang(reason: str) -> str:
-    """Never answer."""
-    time.sleep(3600)
+async def hang(reason: str) -> str:
+    """Never answer (asynchronously, so an HTTP server goes on serving other calls)."""
+    await anyio.sleep(3600)
     return "too late"
 
 
 if __name__ == "__main__":
-    server.run()
+    if "--http" in sys.argv:
+        server.run("streamable-http", port=int(sys.argv[sys.argv.index("--http") + 1]))
+    else:
+        server.run()

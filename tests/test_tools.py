@@ -12,10 +12,14 @@ over stdio by the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ from bot.tools import (
 )
 from bot.transports.console import ConsoleTransport
 from tests.conftest import make_settings
-from tests.openai_servers import LlamaCppServer, ScriptedServer, with_tools
+from tests.openai_servers import LlamaCppServer, ScriptedServer, free_port, with_tools
 from tests.test_qa import request
 from tests.test_router import read
 
@@ -357,50 +361,89 @@ async def test_a_tool_result_cannot_make_the_model_change_anything(tmp_path: Pat
 # -- MCP ---------------------------------------------------------------------------------------
 
 
-async def test_an_mcp_servers_tools_are_listed_called_and_answered(tmp_path: Path, engine: LocalEngine) -> None:
-    notes = tmp_path / "notes.txt"
-    servers = {"notes": McpServer(command=[sys.executable, str(MCP_SERVER), str(notes)], read_only=["lookup"])}
-    quill = await Quill.start(tool_settings(tmp_path, mcp_servers=servers, tool_timeout=20), engine=engine)
+@contextlib.contextmanager
+def notes_server(transport: str, notes: Path, **options: Any) -> Iterator[McpServer]:
+    """tests/mcp_server.py's settings: started by quill for each call (stdio), or started here
+    and reached at its URL (streamable HTTP), stopped on leaving."""
+    if transport == "stdio":
+        yield McpServer(command=[sys.executable, str(MCP_SERVER), str(notes)], **options)
+        return
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(MCP_SERVER), str(notes), "--http", str(port)])
     try:
-        box: Toolbox = quill.toolbox
-        assert not box.tools["notes_lookup"].changes and box.tools["notes_add_note"].changes
-        assert box.tools["notes_lookup"].parameters["required"] == ["word"]
-        LlamaGrammar.from_string(choice_grammar(list(box.tools.values())), verbose=False)
-        outcome = await box.call(box.tools["notes_lookup"], ToolCall("notes_lookup", {"word": "quill"}), request("x"))
-        assert outcome.reply.text == "Glossary: quill means a small team tool (entry 42)."
-        cancel = Asker(False)
-        await box.call(
-            box.tools["notes_add_note"], ToolCall("notes_add_note", {"text": "hi"}), request("x", confirm=cancel)
-        )
-        assert cancel.questions and not notes.exists()
-        await box.call(
-            box.tools["notes_add_note"], ToolCall("notes_add_note", {"text": "hi"}), request("x", confirm=Asker(True))
-        )
-        assert notes.read_text() == "hi\n"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield McpServer(url=f"http://127.0.0.1:{port}/mcp", **options)
     finally:
-        await quill.close(close_engine=False)
+        process.kill()
+        process.wait()
 
 
-async def test_an_mcp_server_that_crashes_or_hangs_is_a_short_error_for_that_call(
-    tmp_path: Path, engine: LocalEngine
+MCP_TRANSPORTS = pytest.mark.parametrize("transport", ["stdio", "http"])
+
+
+@MCP_TRANSPORTS
+async def test_an_mcp_servers_tools_are_listed_called_and_answered(
+    tmp_path: Path, engine: LocalEngine, transport: str
 ) -> None:
-    servers = {"notes": McpServer(command=[sys.executable, str(MCP_SERVER), str(tmp_path / "n")], read_only=True)}
-    quill = await Quill.start(tool_settings(tmp_path, mcp_servers=servers, tool_timeout=20), engine=engine)
-    try:
-        box: Toolbox = quill.toolbox
-        crashed = await box.call(box.tools["notes_crash"], ToolCall("notes_crash", {"reason": "x"}), request("x"))
-        assert crashed.reply.failed and crashed.final and "notes" in crashed.reply.text
-        assert len(crashed.reply.text) < 300 and "Traceback" not in crashed.reply.text
-        quill.settings.tool_timeout = 2.0
-        hung = await asyncio.wait_for(
-            box.call(box.tools["notes_hang"], ToolCall("notes_hang", {"reason": "x"}), request("x")), 60
-        )
-        assert hung.reply.failed and "did not answer within 2 s" in hung.reply.text
-        quill.settings.tool_timeout = 20.0
-        again = await box.call(box.tools["notes_lookup"], ToolCall("notes_lookup", {"word": "a"}), request("x"))
-        assert not again.reply.failed  # the next call works: each call has its own connection
-    finally:
-        await quill.close(close_engine=False)
+    notes = tmp_path / "notes.txt"
+    with notes_server(transport, notes, read_only=["lookup"]) as server:
+        settings = tool_settings(tmp_path, mcp_servers={"notes": server}, tool_timeout=20)
+        quill = await Quill.start(settings, engine=engine)
+        try:
+            box: Toolbox = quill.toolbox
+            assert not box.tools["notes_lookup"].changes and box.tools["notes_add_note"].changes
+            assert box.tools["notes_lookup"].parameters["required"] == ["word"]
+            LlamaGrammar.from_string(choice_grammar(list(box.tools.values())), verbose=False)
+            outcome = await box.call(
+                box.tools["notes_lookup"], ToolCall("notes_lookup", {"word": "quill"}), request("x")
+            )
+            assert outcome.reply.text == "Glossary: quill means a small team tool (entry 42)."
+            cancel = Asker(False)
+            add = ToolCall("notes_add_note", {"text": "hi"})
+            await box.call(box.tools["notes_add_note"], add, request("x", confirm=cancel))
+            assert cancel.questions and not notes.exists()
+            await box.call(box.tools["notes_add_note"], add, request("x", confirm=Asker(True)))
+            assert notes.read_text() == "hi\n"
+        finally:
+            await quill.close(close_engine=False)
+
+
+@MCP_TRANSPORTS
+async def test_an_mcp_server_that_crashes_or_hangs_is_a_short_error_for_that_call(
+    tmp_path: Path, engine: LocalEngine, transport: str
+) -> None:
+    with notes_server(transport, tmp_path / "n", read_only=True) as server:
+        settings = tool_settings(tmp_path, mcp_servers={"notes": server}, tool_timeout=20)
+        quill = await Quill.start(settings, engine=engine)
+        try:
+            box: Toolbox = quill.toolbox
+            quill.settings.tool_timeout = 2.0
+            hung = await asyncio.wait_for(
+                box.call(box.tools["notes_hang"], ToolCall("notes_hang", {"reason": "x"}), request("x")), 60
+            )
+            assert hung.reply.failed and "did not answer within 2 s" in hung.reply.text
+            quill.settings.tool_timeout = 20.0
+            lookup = ToolCall("notes_lookup", {"word": "a"})
+            again = await box.call(box.tools["notes_lookup"], lookup, request("x"))
+            assert not again.reply.failed  # a hung call does not hold up the next one
+            crashed = await asyncio.wait_for(
+                box.call(box.tools["notes_crash"], ToolCall("notes_crash", {"reason": "x"}), request("x")), 60
+            )
+            assert crashed.reply.failed and crashed.final and "notes" in crashed.reply.text
+            assert len(crashed.reply.text) < 300 and "Traceback" not in crashed.reply.text
+            after = await asyncio.wait_for(box.call(box.tools["notes_lookup"], lookup, request("x")), 60)
+            # Over stdio each call starts the server afresh; a crashed HTTP server stays down,
+            # and each later call is a short error too, never a stuck reply.
+            assert after.reply.failed == (transport == "http"), after.reply.text
+            assert len(after.reply.text) < 300 and "Traceback" not in after.reply.text
+        finally:
+            await quill.close(close_engine=False)
 
 
 async def test_an_mcp_server_that_cannot_start_leaves_the_others(tmp_path: Path, engine: LocalEngine) -> None:
