@@ -9,7 +9,7 @@ and requests, alternating run by run in one invocation, on three workloads:
 - (c) one user alone.
 
 The server comes from `--server PATH`, or from the cache `bench/build_llama_server.sh` fills
-(`--build` runs it: 40+ minutes on 2 busy cores); without either the bench says so and skips.
+(`--build` runs it: 5 minutes on 2 idle cores, 40+ on busy ones); without either the bench says so and skips.
 
     python -m bench.peer [--runs 2] [--server PATH | --build] [--conversations 32] [--turns 7]
 """
@@ -190,7 +190,7 @@ async def main() -> None:
     p = parser(__doc__ or "")
     p.set_defaults(runs=2)
     p.add_argument("--server", type=Path, help="a llama-server binary (default: the build cache)")
-    p.add_argument("--build", action="store_true", help="build llama-server into the cache first (40+ minutes)")
+    p.add_argument("--build", action="store_true", help="build llama-server into the cache first (5+ minutes)")
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--turns", type=int, default=7, help="turns per conversation (7: histories to ~1,500 tokens)")
     p.add_argument("--tokens", type=int, default=64, help="reply length for (a) and (c)")
@@ -202,7 +202,8 @@ async def main() -> None:
     if binary is None or not binary.is_file():
         print(
             f"skipped: no llama-server ({args.server or 'none in the build cache'}). Build it once with "
-            "`bash bench/build_llama_server.sh` (40+ minutes on 2 cores) or `--build`, or pass --server PATH."
+            "`bash bench/build_llama_server.sh` (5 minutes on 2 idle cores, 40+ on busy ones) or `--build`, "
+            "or pass --server PATH."
         )
         return
     log_path = Path(f"/tmp/quill-peer-llama-server-{os.getpid()}.log")

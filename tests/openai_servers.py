@@ -50,13 +50,17 @@ class ChildServer:
             if self.process.poll() is not None:
                 break
             try:
-                if httpx.get(self.health, timeout=2.0).status_code == 200:
+                if self.ready(httpx.get(self.health, timeout=2.0)):
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"{self.args[0]} did not start: {self.log_path.read_text()[-2000:]}")
+
+    def ready(self, response: httpx.Response) -> bool:
+        """Whether `health`'s answer says the server is ready: a 200 (a loading model is a 503)."""
+        return response.status_code == 200
 
     def kill(self) -> None:
         """Stop it at once, as a crash would."""

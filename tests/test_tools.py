@@ -15,14 +15,12 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 from hypothesis import given, settings
@@ -45,7 +43,7 @@ from bot.tools import (
 )
 from bot.transports.console import ConsoleTransport
 from tests.conftest import make_settings
-from tests.openai_servers import LlamaCppServer, ScriptedServer, free_port, with_tools
+from tests.openai_servers import ChildServer, LlamaCppServer, ScriptedServer, with_tools
 from tests.test_qa import request
 from tests.test_router import read
 
@@ -361,6 +359,19 @@ async def test_a_tool_result_cannot_make_the_model_change_anything(tmp_path: Pat
 # -- MCP ---------------------------------------------------------------------------------------
 
 
+class NotesHttpServer(ChildServer):
+    """tests/mcp_server.py over streamable HTTP, at `mcp_url`."""
+
+    def __init__(self, log_path: Path, notes: Path) -> None:
+        super().__init__(log_path)
+        self.mcp_url = self.health = f"http://127.0.0.1:{self.port}/mcp"
+        self.args = [sys.executable, str(MCP_SERVER), str(notes), "--http", str(self.port)]
+
+    def ready(self, response: httpx.Response) -> bool:
+        """Any answer: a plain GET of the MCP endpoint is refused once it listens."""
+        return True
+
+
 @contextlib.contextmanager
 def notes_server(transport: str, notes: Path, **options: Any) -> Iterator[McpServer]:
     """tests/mcp_server.py's settings: started by quill for each call (stdio), or started here
@@ -368,20 +379,12 @@ def notes_server(transport: str, notes: Path, **options: Any) -> Iterator[McpSer
     if transport == "stdio":
         yield McpServer(command=[sys.executable, str(MCP_SERVER), str(notes)], **options)
         return
-    port = free_port()
-    process = subprocess.Popen([sys.executable, str(MCP_SERVER), str(notes), "--http", str(port)])
+    server = NotesHttpServer(notes.with_name("mcp-server.log"), notes)
+    server.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield McpServer(url=f"http://127.0.0.1:{port}/mcp", **options)
+        yield McpServer(url=server.mcp_url, **options)
     finally:
-        process.kill()
-        process.wait()
+        server.kill()
 
 
 MCP_TRANSPORTS = pytest.mark.parametrize("transport", ["stdio", "http"])
