@@ -94,6 +94,7 @@ class Quill:
         if self.context.semantic is not None:
             await asyncio.to_thread(self.context.semantic.embedder.close)
         await self.scheduler.close()
+        await self.toolbox.close()
         if close_engine:
             await self.engine.close()
         self.memory.close()

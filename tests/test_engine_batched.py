@@ -99,6 +99,40 @@ async def test_returning_conversation_evaluates_only_its_new_tokens(batched_engi
     assert evaluated <= await batched_engine.count_tokens(follow_up) + 2 * MESSAGE_OVERHEAD_TOKENS
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [ChatMessage("user", "Tell me about the sea in three sentences.")],
+        [ChatMessage("user", "请用中文写一段关于春天的话。")],
+    ],
+)
+async def test_a_written_prefix_is_continued_without_reading_the_prompt_again(
+    engine: LocalEngine, batched_engine: BatchedEngine, messages: list[ChatMessage]
+) -> None:
+    """GenerationOptions.prefix: the reply goes on from its written beginning, in both modes,
+    and the text returned leaves that beginning out. Written as the model itself began, the
+    rest is the model's own rest, and the batched engine reads only what its saved state lacks.
+    (Single mode evaluates the prefix in other batches, so its greedy rest may flip on a near
+    tie: seen 0.28 nats.)"""
+    options = GenerationOptions(max_tokens=32, temperature=0.0)
+    whole = (await batched_engine.chat(messages, options)).text
+    # Cut where a token surely ends: before a space, after a Chinese comma or full stop.
+    cut = next((i + (whole[i] != " ") for i in range(len(whole) // 3, len(whole)) if whole[i] in " ，。"), None)
+    assert cut is not None, whole
+    prefix, rest = whole[:cut], whole[cut:]
+    before = snapshot(batched_engine)
+    continued = await batched_engine.chat(messages, replace(options, prefix=prefix, max_tokens=8))
+    evaluated = batched_engine.stats.prompt_tokens_evaluated - before.prompt_tokens_evaluated
+    assert evaluated <= 4  # the state saved after `whole` holds the prompt and the prefix
+    assert continued.text and rest.startswith(continued.text[:8]), (prefix, rest, continued.text)
+    # A prefix the model would not have written is continued all the same.
+    prefix = "Answer: 42." if messages[0].content.isascii() else "答案：42。"
+    for eng in (engine, batched_engine):
+        text = "".join([p async for p in eng.stream(messages, replace(options, prefix=prefix))])
+        assert text.strip() and not text.startswith(prefix)
+    assert_no_sequence_leaked(batched_engine)
+
+
 async def test_least_recently_used_conversation_is_dropped_beyond_the_cache_budget(
     batched_engine: BatchedEngine,
 ) -> None:

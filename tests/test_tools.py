@@ -17,6 +17,7 @@ import json
 import re
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from llama_cpp import LlamaGrammar
 
 from bot.app import Quill
 from bot.config import McpServer, Settings
+from bot.engine import MESSAGE_OVERHEAD_TOKENS
+from bot.engine.batched import BatchedEngine
 from bot.engine.local import LocalEngine
 from bot.engine.openai import OpenAIEngine
 from bot.tools import (
@@ -37,6 +40,7 @@ from bot.tools import (
     ToolCall,
     _digits_range,
     choice_grammar,
+    choice_text,
     choice_tokens,
     command_schema,
     parse_choice,
@@ -173,9 +177,11 @@ async def test_under_the_grammar_every_choice_parses_and_fits_its_schema(app: Qu
         result = await engine.chat(
             messages, GenerationOptions(max_tokens=choice_tokens(tools), temperature=0.0, grammar=grammar)
         )
-        data = json.loads(result.text)
-        if data["tool"] != "none":
-            jsonschema.validate(data["arguments"], app.toolbox.tools[data["tool"]].parameters)
+        # The whole choice under one grammar (servers without `prefix`), and name first (here).
+        for choice in (result.text, (await choice_text(engine, messages, tools, text))[0]):
+            data = json.loads(choice)
+            if data["tool"] != "none":
+                jsonschema.validate(data["arguments"], app.toolbox.tools[data["tool"]].parameters)
 
 
 # -- the real model chooses /ask and cites its source -----------------------------------------
@@ -210,6 +216,45 @@ async def test_a_planted_instruction_in_a_document_erases_nothing(app: Quill) ->
     assert "Staging" in shown or "staging" in shown
     stored = await channel_messages(app)
     assert "How do staging deploys run in our team?" in stored  # nothing was erased
+
+
+# -- a reply that calls no tool: one reading of the conversation ------------------------------
+
+
+@pytest.fixture(scope="module")
+def roomy_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedEngine]:
+    """A batched engine with room for the choice prompt (the tools, their examples) and the
+    states it leaves, unlike the session's deliberately cramped one."""
+    settings = make_settings(tmp_path_factory.mktemp("roomy"), n_ctx=4096, batch_cache_mb=256, batch_disk_mb=0)
+    eng = BatchedEngine(settings)
+    eng.start()
+    yield eng
+    asyncio.run(eng.close())
+
+
+async def test_a_reply_that_calls_no_tool_reads_only_the_new_message(
+    tmp_path: Path, roomy_engine: BatchedEngine
+) -> None:
+    """On an engine that keeps conversations' states, the next choice's prompt is read ahead
+    after each answer, so a conversation's next turn reads its new message once for the choice
+    and once for the reply, and nothing else."""
+    quill = await Quill.start(tool_settings(tmp_path, engine_mode="batched"), engine=roomy_engine)
+    stats = roomy_engine.stats
+    try:
+        for i, text in enumerate(["Hi! How are you today?", "非常感谢！", "Write a haiku about the sea."]):
+            await quill.toolbox.idle()  # the read-ahead of the turn before
+            before = replace(stats)
+            shown = await read(await quill.router.handle(request(text, confirm=Asker(False))))
+            assert shown.strip() and not shown.startswith(STATUS_PREFIX), shown
+            evaluated = stats.prompt_tokens_evaluated - before.prompt_tokens_evaluated
+            if i:  # the first turn read the tools' prompt and examples; later ones reuse them
+                assert evaluated <= 2 * (await roomy_engine.count_tokens(text) + 2 * MESSAGE_OVERHEAD_TOKENS)
+        stored = await channel_messages(quill)
+        assert len(stored) == 6 and not any(m.startswith("{") for m in stored)
+        await quill.toolbox.idle()
+        assert stats.running == 0 and stats.free == stats.sequences
+    finally:
+        await quill.close(close_engine=False)
 
 
 # -- permissions and confirmation, calls handed over directly ---------------------------------

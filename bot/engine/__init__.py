@@ -75,6 +75,10 @@ class GenerationOptions:
     # Whose messages the prompt holds (`bot.api.state_tags`: place, guild, users): a backend that
     # keeps conversation states drops the ones holding erased messages (`forget_states`).
     tags: frozenset[str] = frozenset()
+    # The reply's beginning, already written (feature "prefix"): the model continues it, and the
+    # text returned leaves it out. The tool loop answers after its choice this way, so the reply
+    # reuses what the choice evaluated instead of reading the conversation a second time.
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,9 @@ class Engine(Protocol):
 
     n_ctx: int
     # What this backend can do ("stream", "grammar", "json_schema", "tokenize", "embeddings", "lora",
-    # "tools": OpenAI's `tools` field with tool_choice honoured);
+    # "tools": OpenAI's `tools` field with tool_choice honoured, "prefix": GenerationOptions.prefix,
+    # "batch": many requests decoded together and many conversations' states kept, so work done
+    # ahead in the background pays off);
     # a plugin that needs a feature checks for it at start-up and says plainly when it is missing.
     features: frozenset[str]
 

@@ -42,14 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from llama_cpp import llama_chat_format
 from llama_cpp.llama_grammar import LLAMA_GRAMMAR_DEFAULT_ROOT
 
 from bot.config import Settings
 from bot.engine import ChatMessage, ContextOverflow, EngineError, GenerationOptions
 from bot.engine.contexts import fill_batch, new_context
 from bot.engine.kvstore import DiskState, StateStore, matches, state_key
-from bot.engine.local import LocalEngine, _Finish, _Job, attach_lora
+from bot.engine.local import LocalEngine, Prefilled, _Finish, _Job, attach_lora
 from bot.types import Text
 
 log = logging.getLogger(__name__)
@@ -150,19 +149,16 @@ class _Sequence:
         return len(self.kv) < len(self.prompt)
 
 
-class _PromptCapture:
-    """Stands in for `Llama` inside its own chat handler and keeps the completion request the
-    handler would run: the prompt tokens, stop strings and grammar, exactly as in single mode."""
+class _PromptCapture(Prefilled):
+    """Keeps the completion request `Llama`'s chat handler would run instead of running it: the
+    prompt tokens (the written prefix included), stop strings and grammar, as in single mode."""
 
-    def __init__(self, llm: Any) -> None:
-        self._llm = llm
+    def __init__(self, llm: Any, prefix: str) -> None:
+        super().__init__(llm, prefix)
         self.request: dict[str, Any] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llm, name)
-
     def create_completion(self, **kwargs: Any) -> Any:
-        self.request = kwargs
+        self.request = {**kwargs, "prompt": [*kwargs["prompt"], *self.prefix]}
         return iter(())
 
 
@@ -200,7 +196,7 @@ def held_back(text: bytes | bytearray, stops: Sequence[bytes]) -> int:
 class BatchedEngine(LocalEngine):
     """The in-process backend with continuous batching and warm prefixes per conversation."""
 
-    features = frozenset({"stream", "grammar", "json_schema", "tokenize", "embeddings", "lora"})
+    features = frozenset({"stream", "grammar", "json_schema", "tokenize", "embeddings", "lora", "prefix", "batch"})
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -688,18 +684,17 @@ class BatchedEngine(LocalEngine):
 
     def _format(self, request: _Generate) -> tuple[list[int], list[bytes], str | None]:
         """Prompt tokens, stop strings and grammar, from `Llama`'s own chat handler."""
-        llm = self._llm
-        handler = (
-            llm.chat_handler
-            or llm._chat_handlers.get(llm.chat_format)
-            or llama_chat_format.get_chat_completion_handler(llm.chat_format)
-        )
         options = request.options
-        capture = _PromptCapture(llm)
+        capture = _PromptCapture(self._llm, options.prefix)
         kwargs: dict[str, Any] = {"stop": list(options.stop) or None}
         if options.json_schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": options.json_schema}
-        handler(llama=capture, messages=[m.as_dict() for m in request.messages], stream=True, **kwargs)
+        llama_cpp.Llama.create_chat_completion(
+            capture,  # type: ignore[arg-type]
+            messages=[m.as_dict() for m in request.messages],
+            stream=True,
+            **kwargs,
+        )
         captured = capture.request
         stops = [s.encode("utf-8") for s in captured.get("stop") or []]
         grammar = captured.get("grammar")

@@ -37,6 +37,29 @@ log = logging.getLogger(__name__)
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: "pick one at random"
 
 
+class Prefilled:
+    """Stands in for `Llama` inside `Llama.create_chat_completion` and adds the reply's written
+    beginning (GenerationOptions.prefix) to the prompt its chat handler made: the template,
+    the stop strings and the sampling stay `Llama`'s own."""
+
+    def __init__(self, llm: Any, prefix: str) -> None:
+        self._llm = llm
+        self.prefix: list[int] = llm.tokenize(prefix.encode("utf-8"), False, False) if prefix else []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def create_completion(self, **kwargs: Any) -> Any:
+        return self._llm.create_completion(**{**kwargs, "prompt": [*kwargs["prompt"], *self.prefix]})
+
+    @staticmethod
+    def chat(llm: Any, prefix: str, **kwargs: Any) -> Any:
+        """`llm.create_chat_completion(**kwargs)`, the reply continuing `prefix`."""
+        import llama_cpp
+
+        return llama_cpp.Llama.create_chat_completion(Prefilled(llm, prefix), **kwargs)  # type: ignore[arg-type]
+
+
 @dataclass
 class _Finish:
     """The last item of a generation: why it stopped."""
@@ -102,7 +125,7 @@ def attach_lora(ctx: Any, model: Any, loaded: dict[Path, Any], path: Path | None
 class LocalEngine:
     """The in-process llama-cpp-python backend."""
 
-    features = frozenset({"stream", "grammar", "json_schema", "tokenize", "embeddings", "lora"})
+    features = frozenset({"stream", "grammar", "json_schema", "tokenize", "embeddings", "lora", "prefix"})
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -286,7 +309,7 @@ class LocalEngine:
             prompt_tokens = sum(
                 len(llm.tokenize(m["content"].encode("utf-8", "replace"), False, False)) + MESSAGE_OVERHEAD_TOKENS
                 for m in payload
-            )
+            ) + len(llm.tokenize(options.prefix.encode("utf-8"), False, False))
             room = reply_room(prompt_tokens, llm.n_ctx())
             kwargs: dict[str, Any] = {
                 "messages": payload,
@@ -305,7 +328,7 @@ class LocalEngine:
                 kwargs["grammar"] = LlamaGrammar.from_string(options.grammar, verbose=False)
             if options.json_schema is not None:
                 kwargs["response_format"] = {"type": "json_object", "schema": options.json_schema}
-            chunks = llm.create_chat_completion(**kwargs)
+            chunks = Prefilled.chat(llm, options.prefix, **kwargs)
             text, reason = [], None
             try:
                 for chunk in chunks:
