@@ -11,7 +11,8 @@ cause of a change, and a confirmation names exactly what would run.
 The model chooses under a grammar built from the tools' schemas (the local engines, and servers
 that take GBNF), with a branch that answers directly; a server that honours OpenAI's `tools`
 field gets that instead. Where the engine continues a written prefix (the in-process ones), the
-model writes only the tool's name after `{"tool": "`, so choosing none takes one decoding step.
+model writes only the tool's name after `{"tool": "`, so choosing none takes one decoding step,
+and the status line shows once a tool is named, before its arguments are written.
 On an engine that keeps many conversations' states (batched mode), the next choice's prompt is
 read ahead after each answer, while the people in the conversation read and type, so a turn's
 choice reads only its new message. (Starting the plain reply beside the choice was tried and
@@ -392,10 +393,12 @@ async def choose(
     tools: Sequence[Tool],
     said: str = "",
     tags: frozenset[str] = frozenset(),
+    named: asyncio.Future[Tool] | None = None,
 ) -> ToolCall | None:
     """Let the model choose a tool or none: through OpenAI's `tools` field where the server
     honours it, else under the choice grammar. An invalid choice is logged and means none.
-    `tags` say whose messages the prompt holds, for an engine that keeps its state."""
+    `tags` say whose messages the prompt holds, for an engine that keeps its state; `named`
+    gets the tool as soon as its name is written, before its arguments are."""
     if "tools" in engine.features:
         options = GenerationOptions(
             max_tokens=CHOICE_TOKENS, temperature=0.0, tools=tuple(t.openai() for t in tools), tags=tags
@@ -411,7 +414,7 @@ async def choose(
         except ValueError as exc:
             log.warning("the model's tool call was refused: %s", exc)
             return None
-    text, finish = await choice_text(engine, messages, tools, said, tags)
+    text, finish = await choice_text(engine, messages, tools, said, tags, named)
     try:
         return parse_choice(text, tools)
     except ValueError as exc:
@@ -425,6 +428,7 @@ async def choice_text(
     tools: Sequence[Tool],
     said: str = "",
     tags: frozenset[str] = frozenset(),
+    named: asyncio.Future[Tool] | None = None,
 ) -> tuple[str, str | None]:
     """The choice the model writes under the grammar (`{"tool": ...}`), and why it ended.
 
@@ -450,6 +454,8 @@ async def choice_text(
     tool = next((t for t in tools if t.name == result.text), None)
     if tool is None:  # none, or a name cut short
         return written + result.text + '"}', result.finish_reason
+    if named is not None and not named.done():
+        named.set_result(tool)
     written += tool.name + '", "arguments": '
     if not tool.parameters.get("properties"):
         return written + "{}}", result.finish_reason
@@ -640,11 +646,19 @@ class Toolbox:
             if not offer:
                 break
             messages = [*plain, *done] if native else [*self._choice_messages(system_prompt, offer, history), *done]
+            # The status line shows as soon as the tool's name is written, not its arguments.
+            named: asyncio.Future[Tool] = asyncio.get_running_loop().create_future()
+            choice = asyncio.create_task(choose(ctx.engine, messages, offer, request.text, options.tags, named))
             try:
-                call = await choose(ctx.engine, messages, offer, request.text, options.tags)
+                await asyncio.wait({choice, named}, return_when=asyncio.FIRST_COMPLETED)
+                if named.done():
+                    yield _status(named.result())
+                call = await choice
             except EngineError as exc:
                 log.warning("tool choice failed: %s", exc)
                 break
+            finally:
+                choice.cancel()  # done already, unless the answer was abandoned meanwhile
             key = json.dumps([call.name, call.arguments], sort_keys=True) if call else ""
             if call is None or key in seen:
                 break
@@ -653,7 +667,8 @@ class Toolbox:
                 break
             seen.add(key)
             tool = self.tools[call.name]
-            yield STATUS_PREFIX + _(tool.status or RUNNING, name=tool.name) + "\n"
+            if not named.done() or named.result() is not tool:
+                yield _status(tool)
             outcome = await self.call(tool, call, request)
             if outcome.reply.empty:  # e.g. /ask found nothing for "tell me a joke": just chat
                 break
@@ -711,6 +726,11 @@ class Toolbox:
         for task in list(self._background):
             task.cancel()
         await self.idle()
+
+
+def _status(tool: Tool) -> str:
+    """The line that says a tool is running."""
+    return STATUS_PREFIX + _(tool.status or RUNNING, name=tool.name) + "\n"
 
 
 async def _pieces(reply: Reply) -> AsyncIterator[str]:

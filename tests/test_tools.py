@@ -257,6 +257,44 @@ async def test_a_reply_that_calls_no_tool_reads_only_the_new_message(
         await quill.close(close_engine=False)
 
 
+class ArgumentsWatch:
+    """The real engine, counting the tool arguments it has finished writing."""
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self._engine = engine
+        self.arguments_written = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def chat(self, messages: list[Any], options: Any) -> Any:
+        result = await self._engine.chat(messages, options)
+        self.arguments_written += options.prefix.endswith('"arguments": ')
+        return result
+
+
+async def test_the_status_line_shows_once_the_tool_is_named_before_its_arguments_are_written(
+    tmp_path: Path, engine: LocalEngine
+) -> None:
+    watch = ArgumentsWatch(engine)
+    quill = await Quill.start(tool_settings(tmp_path), engine=watch)  # type: ignore[arg-type]
+    try:
+        await read(await quill.router.handle(request(f'/kb-add name:"Deploy guide" {GUIDE}')))
+        reply = await quill.router.handle(request("How do staging deploys run in our team?", confirm=Asker(False)))
+        assert reply.stream is not None
+        pieces, written_at_first_piece = [], -1
+        async for piece in reply.stream:
+            if not pieces:
+                written_at_first_piece = watch.arguments_written
+            pieces.append(piece)
+        assert pieces[0] == "🔧 searching the knowledge base…\n", pieces
+        assert written_at_first_piece == 0 and watch.arguments_written == 1
+        assert [p for p in pieces if p.startswith(STATUS_PREFIX)] == pieces[:1]  # shown once
+        assert "“Deploy guide”" in "".join(pieces)
+    finally:
+        await quill.close(close_engine=False)
+
+
 # -- permissions and confirmation, calls handed over directly ---------------------------------
 
 
