@@ -76,8 +76,8 @@ class GenerationOptions:
     # keeps conversation states drops the ones holding erased messages (`forget_states`).
     tags: frozenset[str] = frozenset()
     # The reply's beginning, already written (feature "prefix"): the model continues it, and the
-    # text returned leaves it out. The tool loop answers after its choice this way, so the reply
-    # reuses what the choice evaluated instead of reading the conversation a second time.
+    # text returned leaves it out. The tool loop writes `{"tool": "` this way, so the model
+    # writes only the tool's name (bot/tools.py `choice_text`).
     prefix: str = ""
 
 
