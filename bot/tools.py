@@ -638,6 +638,7 @@ class Toolbox:
         ctx = self.context
         done: list[ChatMessage] = []  # this answer's calls and their results
         seen: set[str] = set()
+        called: set[str] = set()  # the names of the tools this answer called
         native = "tools" in ctx.engine.features  # the server's own tool calling: its template shows the tools
         plain = [ChatMessage("system", system_prompt), *history]
         for _round in range(ctx.settings.tool_max_calls):
@@ -647,11 +648,14 @@ class Toolbox:
                 break
             messages = [*plain, *done] if native else [*self._choice_messages(system_prompt, offer, history), *done]
             # The status line shows as soon as the tool's name is written, not its arguments.
+            # (A tool this answer called already waits for its arguments: a repeat is not run.)
             named: asyncio.Future[Tool] = asyncio.get_running_loop().create_future()
             choice = asyncio.create_task(choose(ctx.engine, messages, offer, request.text, options.tags, named))
+            announced = False
             try:
                 await asyncio.wait({choice, named}, return_when=asyncio.FIRST_COMPLETED)
-                if named.done():
+                announced = named.done() and named.result().name not in called
+                if announced:
                     yield _status(named.result())
                 call = await choice
             except EngineError as exc:
@@ -666,8 +670,9 @@ class Toolbox:
                 log.warning("tool rate limit reached for %s; %s not called", request.author_id, call.name)
                 break
             seen.add(key)
+            called.add(call.name)
             tool = self.tools[call.name]
-            if not named.done() or named.result() is not tool:
+            if not (announced and named.result() is tool):
                 yield _status(tool)
             outcome = await self.call(tool, call, request)
             if outcome.reply.empty:  # e.g. /ask found nothing for "tell me a joke": just chat

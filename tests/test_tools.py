@@ -291,6 +291,10 @@ async def test_the_status_line_shows_once_the_tool_is_named_before_its_arguments
         assert written_at_first_piece == 0 and watch.arguments_written == 1
         assert [p for p in pieces if p.startswith(STATUS_PREFIX)] == pieces[:1]  # shown once
         assert "“Deploy guide”" in "".join(pieces)
+        # The time tool's result goes back to the model, which names it again: that repeat is
+        # not run, and its status line is not shown a second time.
+        shown = await read(await quill.router.handle(request("What time is it?", confirm=Asker(False))))
+        assert shown.count(STATUS_PREFIX) == 1, shown
     finally:
         await quill.close(close_engine=False)
 
