@@ -648,7 +648,7 @@ class Toolbox:
                 break
             messages = [*plain, *done] if native else [*self._choice_messages(system_prompt, offer, history), *done]
             # The status line shows as soon as the tool's name is written, not its arguments.
-            # (A tool this answer called already waits for its arguments: a repeat is not run.)
+            # A tool this answer called before gets no early line: the same call again is not run.
             named: asyncio.Future[Tool] = asyncio.get_running_loop().create_future()
             choice = asyncio.create_task(choose(ctx.engine, messages, offer, request.text, options.tags, named))
             announced = False
