@@ -706,7 +706,7 @@ class Toolbox:
         conversation's next choice prompt up to the next message, in the background: the next
         turn's choice then reads only that message. A failure costs only that head start."""
         engine = self.context.engine
-        if reply.answer_id is None or "tools" in engine.features or not {"batch", "prefix"} <= engine.features:
+        if reply.answer_id is None or "tools" in engine.features or "batch" not in engine.features:
             return
         messages = self._choice_messages(system_prompt, tools, [*history, ChatMessage("assistant", answer.strip())])
 

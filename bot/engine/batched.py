@@ -158,7 +158,7 @@ class _PromptCapture(Prefilled):
         self.request: dict[str, Any] = {}
 
     def create_completion(self, **kwargs: Any) -> Any:
-        self.request = {**kwargs, "prompt": [*kwargs["prompt"], *self.prefix]}
+        self.request = self.prefilled(kwargs)
         return iter(())
 
 
@@ -689,12 +689,7 @@ class BatchedEngine(LocalEngine):
         kwargs: dict[str, Any] = {"stop": list(options.stop) or None}
         if options.json_schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": options.json_schema}
-        llama_cpp.Llama.create_chat_completion(
-            capture,  # type: ignore[arg-type]
-            messages=[m.as_dict() for m in request.messages],
-            stream=True,
-            **kwargs,
-        )
+        capture.chat(messages=[m.as_dict() for m in request.messages], stream=True, **kwargs)
         captured = capture.request
         stops = [s.encode("utf-8") for s in captured.get("stop") or []]
         grammar = captured.get("grammar")

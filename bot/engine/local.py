@@ -49,15 +49,18 @@ class Prefilled:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
 
-    def create_completion(self, **kwargs: Any) -> Any:
-        return self._llm.create_completion(**{**kwargs, "prompt": [*kwargs["prompt"], *self.prefix]})
+    def prefilled(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A completion request of the chat handler's, its prompt followed by the prefix."""
+        return {**request, "prompt": [*request["prompt"], *self.prefix]}
 
-    @staticmethod
-    def chat(llm: Any, prefix: str, **kwargs: Any) -> Any:
-        """`llm.create_chat_completion(**kwargs)`, the reply continuing `prefix`."""
+    def create_completion(self, **kwargs: Any) -> Any:
+        return self._llm.create_completion(**self.prefilled(kwargs))
+
+    def chat(self, **kwargs: Any) -> Any:
+        """`create_chat_completion(**kwargs)` on the model, the reply continuing the prefix."""
         import llama_cpp
 
-        return llama_cpp.Llama.create_chat_completion(Prefilled(llm, prefix), **kwargs)  # type: ignore[arg-type]
+        return llama_cpp.Llama.create_chat_completion(self, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -306,10 +309,11 @@ class LocalEngine:
         payload = [m.as_dict() for m in messages]
 
         def work(llm: Any) -> Iterator[str | _Finish]:
+            prefilled = Prefilled(llm, options.prefix)
             prompt_tokens = sum(
                 len(llm.tokenize(m["content"].encode("utf-8", "replace"), False, False)) + MESSAGE_OVERHEAD_TOKENS
                 for m in payload
-            ) + len(llm.tokenize(options.prefix.encode("utf-8"), False, False))
+            ) + len(prefilled.prefix)
             room = reply_room(prompt_tokens, llm.n_ctx())
             kwargs: dict[str, Any] = {
                 "messages": payload,
@@ -328,7 +332,7 @@ class LocalEngine:
                 kwargs["grammar"] = LlamaGrammar.from_string(options.grammar, verbose=False)
             if options.json_schema is not None:
                 kwargs["response_format"] = {"type": "json_object", "schema": options.json_schema}
-            chunks = Prefilled.chat(llm, options.prefix, **kwargs)
+            chunks = prefilled.chat(**kwargs)
             text, reason = [], None
             try:
                 for chunk in chunks:
