@@ -12,6 +12,7 @@ The server comes from `--server PATH`, or from the cache `bench/build_llama_serv
 (`--build` runs it: 5 minutes on 2 idle cores, 40+ on busy ones); without either the bench says so and skips.
 
     python -m bench.peer [--runs 2] [--server PATH | --build] [--conversations 32] [--turns 7]
+                         [--kv per-stream|pool] [--loads acb|a|b|c|ab|ac]
 """
 
 from __future__ import annotations
@@ -195,6 +196,14 @@ async def main() -> None:
     p.add_argument("--turns", type=int, default=7, help="turns per conversation (7: histories to ~1,500 tokens)")
     p.add_argument("--tokens", type=int, default=64, help="reply length for (a) and (c)")
     p.add_argument("--replay-tokens", type=int, default=32, help="reply length for (b)")
+    p.add_argument(
+        "--kv",
+        choices=["per-stream", "pool"],
+        default="per-stream",
+        help="quill's QUILL_BATCH_KV: per-stream gives its 8 streams 2,048 cells each, llama-server's "
+        "memory exactly; pool is the default 128 MB pool shared by all (n_ctx 4,096)",
+    )
+    p.add_argument("--loads", default="acb", choices=["acb", "a", "b", "c", "ab", "ac"], help="workloads, in order")
     args = p.parse_args()
     if args.build:
         subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
@@ -208,10 +217,21 @@ async def main() -> None:
         return
     log_path = Path(f"/tmp/quill-peer-llama-server-{os.getpid()}.log")
     server = LlamaServer(binary, log_path, "--parallel", str(SLOTS), "-c", str(SERVER_CTX), threads=args.threads)
-    engine = make_engine("batched", args.threads)
+    if args.kv == "per-stream":
+        engine = make_engine("batched", args.threads, batch_kv="per-stream", n_ctx=SERVER_CTX // SLOTS)
+    else:
+        engine = make_engine("batched", args.threads)
     short = GenerationOptions(max_tokens=args.tokens, temperature=0.7)
     replay = GenerationOptions(max_tokens=args.replay_tokens, temperature=0.7)
     figures: dict[tuple[str, str], list[Figures]] = {}
+
+    def workload(load: str, ask: Ask, run: int) -> Awaitable[Figures]:
+        if load == "a":
+            return together(ask, SHORT, short)
+        if load == "c":
+            return together(ask, SHORT[:1], short)
+        return help_replay(ask, args.conversations, args.turns, seed=run, options=replay)
+
     try:
         server.start()
         async with httpx.AsyncClient(base_url=server.root_url, timeout=600) as client:
@@ -219,14 +239,8 @@ async def main() -> None:
             for run in range(args.runs):
                 order = list(askers.items()) if run % 2 == 0 else list(askers.items())[::-1]
                 for name, ask in order:
-                    # Coroutines start only when awaited: one after another, in this order.
-                    loads = {
-                        "a": together(ask, SHORT, short),
-                        "c": together(ask, SHORT[:1], short),
-                        "b": help_replay(ask, args.conversations, args.turns, seed=run, options=replay),
-                    }
-                    for load, measure in loads.items():
-                        fig = await measure
+                    for load in args.loads:
+                        fig = await workload(load, ask, run)
                         figures.setdefault((name, load), []).append(fig)
                         # As it comes, so a run cut short still leaves figures.
                         print(
@@ -251,13 +265,25 @@ def report(figures: dict[tuple[str, str], list[Figures]], args: object) -> None:
         )
         print(f"{label:46s} quill {q:8.2f} {unit:5s} llama-server {s:8.2f}  ratio {q / s:5.2f}x  (runs q/s: {runs})")
 
-    print(f"SmolLM2-135M Q4_1, {args.threads} threads, llama-server --parallel {SLOTS} -c {SERVER_CTX}")  # type: ignore[attr-defined]
-    line("(a) 8 users, short prompts: aggregate", "a", lambda f: f.rate, "tok/s")
-    line("(a) worst time to first token", "a", lambda f: f.ttft(1.0), "s")
-    line("(c) one user", "c", lambda f: f.rate, "tok/s")
-    line("(b) help-channel replay: aggregate", "b", lambda f: f.rate, "tok/s")
-    line("(b) time to first token p50", "b", lambda f: f.ttft(0.5), "s")
-    line("(b) time to first token p95", "b", lambda f: f.ttft(0.95), "s")
+    print(
+        f"SmolLM2-135M Q4_1, {args.threads} threads, llama-server --parallel {SLOTS} -c {SERVER_CTX}, "  # type: ignore[attr-defined]
+        f"quill QUILL_BATCH_KV={args.kv}"  # type: ignore[attr-defined]
+    )
+    lines = {
+        "a": [
+            ("(a) 8 users, short prompts: aggregate", lambda f: f.rate, "tok/s"),
+            ("(a) worst time to first token", lambda f: f.ttft(1.0), "s"),
+        ],
+        "c": [("(c) one user", lambda f: f.rate, "tok/s")],
+        "b": [
+            ("(b) help-channel replay: aggregate", lambda f: f.rate, "tok/s"),
+            ("(b) time to first token p50", lambda f: f.ttft(0.5), "s"),
+            ("(b) time to first token p95", lambda f: f.ttft(0.95), "s"),
+        ],
+    }
+    for load in args.loads:  # type: ignore[attr-defined]
+        for label, value, unit in lines[load]:
+            line(label, load, value, unit)
     print("targets: (a), (c) ratio >= 1.0; (b) TTFT p95 ratio <= 0.5")
     print(datetime.date.today().isoformat(), machine_note(), f"python {sys.version.split()[0]}")
 

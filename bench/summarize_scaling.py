@@ -102,7 +102,7 @@ async def run(sizes: list[int], plan_only: bool) -> None:
             print(
                 f"model {settings.model_path.name}, n_ctx {app.engine.n_ctx}, chunk tokens "
                 f"{config.chunk_tokens}, note tokens {config.note_tokens}, engine {settings.engine_mode}, "
-                f"{settings.batch_streams} streams, load average {os.getloadavg()[0]:.1f}"
+                f"{settings.batch_streams} streams, KV {settings.batch_kv}, load average {os.getloadavg()[0]:.1f}"
             )
             print(" ".join(f"{h:>8}" for h in COLUMNS))
             for size in sizes:

@@ -78,6 +78,25 @@ def batched_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batched
     asyncio.run(eng.close())
 
 
+@pytest.fixture(scope="session")
+def per_stream_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedEngine]:
+    """The batched engine with QUILL_BATCH_KV=per-stream: 4 streams of n_ctx (1,024) cells each,
+    beside `batched_engine`'s one pool of 1,024 cells that they would overflow."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("per-stream"),
+        n_ctx=1024,
+        batch_kv="per-stream",
+        batch_cache_mb=16,
+        batch_disk_mb=0,
+        batch_streams=4,
+        batch_prefill_chunk=64,
+    )
+    eng = BatchedEngine(settings)
+    eng.start()
+    yield eng
+    asyncio.run(eng.close())
+
+
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database URL: a SQLite file, or a PostgreSQL schema of its own."""

@@ -235,6 +235,40 @@ async def test_a_preempted_reply_whose_state_is_not_kept_is_evaluated_again_unch
     assert batched_engine.stats.recomputed > before.recomputed
 
 
+async def test_per_stream_cells_run_what_would_overflow_a_pool_at_once_unchanged(
+    engine: LocalEngine, per_stream_engine: BatchedEngine
+) -> None:
+    """QUILL_BATCH_KV=per-stream: CROWD, which outgrows a 1,024-cell pool, runs with every
+    request in its own 1,024 cells at once, nothing preempted, the same replies as alone and as
+    single mode; a returning conversation is restored into whichever stream is free."""
+    prompts = [await per_stream_engine.count_tokens(m[0].content) for m in CROWD]
+    alone = [await per_stream_engine.chat(talk, CROWD_OPTIONS) for talk in CROWD]
+    # Together they would not fit one stream's 1,024 cells made a pool.
+    assert sum(prompts) + sum(a.completion_tokens for a in alone) > per_stream_engine.settings.n_ctx
+    before = snapshot(per_stream_engine)
+    tasks = [asyncio.create_task(per_stream_engine.chat(talk, CROWD_OPTIONS)) for talk in CROWD]
+    deadline = asyncio.get_running_loop().time() + 300
+    most = 0
+    while not all(t.done() for t in tasks):
+        most = max(most, per_stream_engine.stats.running)
+        assert asyncio.get_running_loop().time() < deadline, "the crowd was not served"
+        await asyncio.sleep(0.01)
+    for talk, a, t in zip(CROWD, alone, [t.result() for t in tasks], strict=True):
+        await assert_same_or_near_tie(per_stream_engine, talk, a.text, t.text)
+    assert most == len(CROWD)
+    after = per_stream_engine.stats
+    assert after.preemptions == before.preemptions == 0
+    assert after.prompt_tokens_reused - before.prompt_tokens_reused > sum(prompts) // 2  # restored from alone
+    for prompt in PROMPTS[:2]:
+        await assert_same_or_near_tie(
+            per_stream_engine,
+            prompt,
+            (await engine.chat(prompt, GREEDY)).text,
+            (await per_stream_engine.chat(prompt, GREEDY)).text,
+        )
+    assert_no_sequence_leaked(per_stream_engine)
+
+
 async def test_a_cancelled_preempted_request_leaves_nothing_behind(batched_engine: BatchedEngine) -> None:
     before = snapshot(batched_engine)
 

@@ -15,6 +15,12 @@ is shared), but the worker schedules instead of running one job at a time:
   host memory and its cells freed; it resumes, before any new request, as soon as there is room
   again, with its sampler, its text and its place in line kept. If its state cannot be put back
   (no contiguous room), its tokens are evaluated again: slower, never a different reply.
+- **Two KV layouts** (QUILL_BATCH_KV). "pool": one cell pool that all sequences share, as
+  above; it needs the least memory, but llama.cpp attends over the pool up to its highest used
+  cell, so every token pays for every running conversation's cells. "per-stream": each
+  sequence has n_ctx cells of its own (llama.cpp's non-unified cache, llama-server's slots): a
+  token attends over its own conversation only, a request never waits for cells or is
+  preempted, and memory is n_ctx x QUILL_BATCH_STREAMS cells.
 - **Warm prefixes.** The engine sees only message lists, so conversations are matched by
   tokens. When a reply finishes, its sequence's KV state is saved to host memory
   (`llama_state_seq_get_data`) and its cells are freed; a new request restores the saved state
@@ -204,7 +210,9 @@ class BatchedEngine(LocalEngine):
         self._ctx: Any = None
         self._mem: Any = None
         self._batch: Any = None
-        self._n_cells = 0
+        self._n_cells = 0  # in the whole cache
+        self._stream_cells = 0  # that one sequence may hold
+        self._per_stream = settings.batch_kv == "per-stream"
         self._n_seq = settings.batch_streams
         self._chunk = settings.batch_prefill_chunk
         self._pending: deque[_Job] = deque()
@@ -230,10 +238,16 @@ class BatchedEngine(LocalEngine):
         n_head = llama_cpp.llama_model_n_head(model)
         kv_width = llama_cpp.llama_model_n_embd(model) // n_head * llama_cpp.llama_model_n_head_kv(model)
         per_token = llama_cpp.llama_model_n_layer(model) * 2 * kv_width * 2  # K and V, f16
-        cells = max(s.n_ctx, s.batch_kv_mb * 2**20 // per_token)
-        self._n_cells = -(-cells // 256) * 256
+        if self._per_stream:
+            self._stream_cells = -(-s.n_ctx // 256) * 256
+            self._n_cells = self._stream_cells * self._n_seq
+        else:
+            cells = max(s.n_ctx, s.batch_kv_mb * 2**20 // per_token)
+            self._n_cells = self._stream_cells = -(-cells // 256) * 256
         n_batch = self._chunk + s.batch_streams
-        self._ctx = new_context(self._llm, n_ctx=self._n_cells, n_batch=n_batch, n_seq_max=self._n_seq)
+        self._ctx = new_context(
+            self._llm, n_ctx=self._n_cells, n_batch=n_batch, n_seq_max=self._n_seq, unified=not self._per_stream
+        )
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._free_ids = list(range(self._n_seq))
@@ -242,9 +256,10 @@ class BatchedEngine(LocalEngine):
         self._open_store()
         self._update_gauges()
         log.info(
-            "batched engine: %d KV cells (%d MB), %d streams, prefill chunk %d, %d MB for saved conversations",
+            "batched engine: %d KV cells (%d MB, %s), %d streams, prefill chunk %d, %d MB for saved conversations",
             self._n_cells,
             self._n_cells * per_token // 2**20,
+            f"{self._stream_cells} a stream" if self._per_stream else "one pool",
             self._n_seq,
             self._chunk,
             s.batch_cache_mb,
@@ -256,6 +271,8 @@ class BatchedEngine(LocalEngine):
             return
         params = self._llm.context_params
         layout = f"llama.cpp {llama_cpp.__version__}, K {params.type_k}, V {params.type_v}"
+        if self._per_stream:  # such a state lists every stream: it loads only into as many
+            layout += f", {self._n_seq} streams"
         key = state_key(self.settings.model_path, self.adapter, self._store.root / "hashes.json", layout)
         self._store.open(key)
 
@@ -376,8 +393,11 @@ class BatchedEngine(LocalEngine):
         return True
 
     def _room(self) -> int:
-        """KV cells free for a request joining now: the pool less what the running sequences
-        hold or are still prefilling toward, and less the cell each takes at the next step."""
+        """KV cells free for a request joining now: a free stream's own cells, or the pool less
+        what the running sequences hold or are still prefilling toward, and less the cell each
+        takes at the next step."""
+        if self._per_stream:
+            return self._stream_cells if self._free_ids else 0
         return self._n_cells - sum(max(len(s.kv), len(s.prompt)) + 1 for s in self._active)
 
     def _place(self, seq: _Sequence, free: int) -> None:

@@ -18,15 +18,17 @@ from llama_cpp._utils import suppress_stdout_stderr
 EMBED_MAX_TOKENS = 512
 
 
-def new_context(llm: Any, *, n_ctx: int, n_batch: int, n_seq_max: int = 1, embeddings: bool = False) -> Any:
+def new_context(
+    llm: Any, *, n_ctx: int, n_batch: int, n_seq_max: int = 1, embeddings: bool = False, unified: bool = True
+) -> Any:
     """A context on `llm`'s model with `llm`'s own settings (threads, attention kernel, cache
-    types: the same arithmetic as single mode); free it with `llama_free`."""
+    types: the same arithmetic as single mode); free it with `llama_free`. `unified`: one cell
+    pool for all sequences, else `n_ctx / n_seq_max` cells of its own for each."""
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = n_batch
     params.n_seq_max = n_seq_max
-    # One cell pool shared by every sequence: needed to copy a prefix from one sequence to another.
-    params.kv_unified = True
+    params.kv_unified = unified
     if embeddings:
         params.embeddings = True
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
