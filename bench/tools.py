@@ -132,8 +132,10 @@ async def overhead(plain: Quill, tools: Quill, runs: int) -> None:
     tokens: dict[bool, int] = {True: 0, False: 0}  # reply tokens after the first piece
     for run in range(runs):
         times: dict[bool, list[float]] = {True: [], False: []}
-        for i, text in enumerate(SMALL_TALK):
-            channel = f"talk-{run}-{i}"
+        for i, talk in enumerate(SMALL_TALK):
+            # A message the engine has not seen: one it has would be served from its saved state,
+            # read by neither side, as no new message is.
+            text, channel = f"{talk} (#{run + 1})", f"talk-{run}-{i}"
             with_tools = await chat(tools, text, channel)
             if with_tools[0].startswith(STATUS_PREFIX):  # the model called a tool: not a no-tool reply
                 skipped += 1
@@ -165,7 +167,7 @@ async def first_output(plain: Quill, tools: Quill, runs: int) -> None:
         )
     status, answer, plain_first, called = [], [], [], 0
     for run in range(runs):
-        question = REQUESTS[0] if run % 2 == 0 else REQUESTS[25]
+        question = f"{REQUESTS[0] if run % 2 == 0 else REQUESTS[25]} (#{run + 1})"  # new to the engine
         reply = await tools.router.handle(request(question, "kb"))
         assert reply.stream is not None
         loop = asyncio.get_running_loop()
