@@ -57,44 +57,31 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEngine]:
     asyncio.run(eng.close())
 
 
-@pytest.fixture(scope="session")
-def batched_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedEngine]:
-    """The batched engine on the same model, shared by the session: a KV pool of exactly n_ctx
-    (1,024) cells (QUILL_BATCH_KV_MB=1), 16 MB for saved conversations (about 700 tokens), small
-    prefill chunks and 4 streams, so tests reach its limits quickly. No states on disk: its tests
-    count what host memory keeps (tests/test_warm_restart.py covers the disk)."""
+def small_batched_engine(path: Path, **layout: Any) -> Iterator[BatchedEngine]:
+    """A started batched engine sized so tests reach its limits quickly: n_ctx 1,024, 16 MB for
+    saved conversations (about 700 tokens), small prefill chunks and 4 streams. No states on
+    disk: its tests count what host memory keeps (tests/test_warm_restart.py covers the disk)."""
     settings = make_settings(
-        tmp_path_factory.mktemp("batched"),
-        n_ctx=1024,
-        batch_kv_mb=1,
-        batch_cache_mb=16,
-        batch_disk_mb=0,
-        batch_streams=4,
-        batch_prefill_chunk=64,
+        path, n_ctx=1024, batch_cache_mb=16, batch_disk_mb=0, batch_streams=4, batch_prefill_chunk=64, **layout
     )
     eng = BatchedEngine(settings)
     eng.start()
     yield eng
     asyncio.run(eng.close())
+
+
+@pytest.fixture(scope="session")
+def batched_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedEngine]:
+    """The batched engine on the same model, shared by the session, with a KV pool of exactly
+    n_ctx (1,024) cells (QUILL_BATCH_KV_MB=1)."""
+    yield from small_batched_engine(tmp_path_factory.mktemp("batched"), batch_kv_mb=1)
 
 
 @pytest.fixture(scope="session")
 def per_stream_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedEngine]:
     """The batched engine with QUILL_BATCH_KV=per-stream: 4 streams of n_ctx (1,024) cells each,
     beside `batched_engine`'s one pool of 1,024 cells that they would overflow."""
-    settings = make_settings(
-        tmp_path_factory.mktemp("per-stream"),
-        n_ctx=1024,
-        batch_kv="per-stream",
-        batch_cache_mb=16,
-        batch_disk_mb=0,
-        batch_streams=4,
-        batch_prefill_chunk=64,
-    )
-    eng = BatchedEngine(settings)
-    eng.start()
-    yield eng
-    asyncio.run(eng.close())
+    yield from small_batched_engine(tmp_path_factory.mktemp("per-stream"), batch_kv="per-stream")
 
 
 @pytest.fixture(params=BACKENDS)
