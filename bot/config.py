@@ -173,8 +173,8 @@ class Settings(BaseSettings):
     # every token attends over the cells of every running conversation, so long histories slow
     # each other down. "per-stream": each of QUILL_BATCH_STREAMS requests gets n_ctx cells of its
     # own, like llama-server's slots: a token attends over its own conversation only (prompt
-    # evaluation measured 2x faster beside 3 others of 1,500 tokens), for n_ctx x streams cells
-    # of memory (QUILL_BATCH_KV_MB then unused).
+    # evaluation beside 3 others of 1,500 tokens measured 1.8x faster, bench/kv_layout.py), for
+    # n_ctx x streams cells of memory (QUILL_BATCH_KV_MB then unused).
     batch_kv: Literal["pool", "per-stream"] = "pool"
     batch_kv_mb: int = Field(default=128, ge=1)
     batch_cache_mb: int = Field(default=512, ge=0)

@@ -243,7 +243,7 @@ async def test_per_stream_cells_run_what_would_overflow_a_pool_at_once_unchanged
     single mode; a returning conversation is restored into whichever stream is free."""
     prompts = [await per_stream_engine.count_tokens(m[0].content) for m in CROWD]
     alone = [await per_stream_engine.chat(talk, CROWD_OPTIONS) for talk in CROWD]
-    # Together they would not fit one stream's 1,024 cells made a pool.
+    # Together they outgrow 1,024 cells: a pool of one stream's size would have to preempt.
     assert sum(prompts) + sum(a.completion_tokens for a in alone) > per_stream_engine.settings.n_ctx
     before = snapshot(per_stream_engine)
     tasks = [asyncio.create_task(per_stream_engine.chat(talk, CROWD_OPTIONS)) for talk in CROWD]
