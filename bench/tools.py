@@ -25,15 +25,18 @@ import jsonschema
 from bench.common import bench_settings, machine_note, median, timed
 from bot.api import Request
 from bot.app import Quill
-from bot.engine import ChatMessage, start_engine
+from bot.engine import ChatMessage
 from bot.tools import NO_TOOL, STATUS_PREFIX, choice_text, examples
 
+# Messages a person answers without a tool, a round of four (English and Chinese) per run: each
+# is new to the engine, as a message repeated from an earlier run would be served from its saved
+# state and read by neither side. Plain variety, not a tag such as "(#2)" that sways the choice.
 SMALL_TALK = [
-    "Hi! How are you today?",
-    "Thanks, that was helpful.",
-    "你好！今天过得怎么样？",
-    "谢谢你的帮助。",
-    "Write a haiku about the sea.",
+    ("Hi! How are you today?", "Thanks, that was helpful.", "你好！今天过得怎么样？", "谢谢你的帮助。"),
+    ("Write a haiku about the sea.", "Good morning, everyone!", "早上好，大家！", "写一首关于大海的俳句。"),
+    ("That sounds great, see you later.", "Tell me something nice.", "听起来不错，回头见。", "周末愉快！"),
+    ("Have a nice weekend!", "I like your answers.", "我喜欢你的回答。", "给我讲点开心的事吧。"),
+    ("Congratulations on the launch!", "Write a limerick about a cat.", "恭喜发布成功！", "写一首关于猫的小诗。"),
 ]
 GUIDE = """# Deploying
 
@@ -130,12 +133,10 @@ async def overhead(plain: Quill, tools: Quill, runs: int) -> None:
     first: dict[bool, list[float]] = {True: [], False: []}
     decoding: dict[bool, float] = {True: 0.0, False: 0.0}  # seconds after the first piece
     tokens: dict[bool, int] = {True: 0, False: 0}  # reply tokens after the first piece
-    for run in range(runs):
+    for run, talks in enumerate(SMALL_TALK[:runs]):
         times: dict[bool, list[float]] = {True: [], False: []}
-        for i, talk in enumerate(SMALL_TALK):
-            # A message the engine has not seen: one it has would be served from its saved state,
-            # read by neither side, as no new message is.
-            text, channel = f"{talk} (#{run + 1})", f"talk-{run}-{i}"
+        for i, text in enumerate(talks):
+            channel = f"talk-{run}-{i}"
             with_tools = await chat(tools, text, channel)
             if with_tools[0].startswith(STATUS_PREFIX):  # the model called a tool: not a no-tool reply
                 skipped += 1
@@ -229,22 +230,21 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=len(REQUESTS))
     parser.add_argument("--mode", choices=["batched", "single"], default="batched", help="QUILL_ENGINE_MODE")
     args = parser.parse_args()
-    settings = bench_settings(engine_mode=args.mode, embeddings=False, max_reply_tokens=96)
-    engine = await start_engine(settings)
     apps = []
     for tools_on in (False, True):
-        data = Path(tempfile.mkdtemp(prefix="quill-bench-tools-"))
         each = bench_settings(
             engine_mode=args.mode,
             embeddings=False,
             max_reply_tokens=96,
             tools=tools_on,
-            data_dir=data,
+            data_dir=Path(tempfile.mkdtemp(prefix="quill-bench-tools-")),
             # One bench user asks far more than a person would: no reply may be one the limit
             # kept from its tool.
             tool_rate_per_minute=10_000,
         )
-        apps.append(await Quill.start(each, engine=engine))
+        # An engine each: on a shared one, the side measured second would find the other's
+        # saved state of the same prompt (tools on answers without a tool by the plain prompt).
+        apps.append(await Quill.start(each))
     plain, tools = apps
     try:
         await validity(tools, args.requests)
@@ -252,8 +252,7 @@ async def main() -> None:
         await first_output(plain, tools, args.runs)
     finally:
         for app in apps:
-            await app.close(close_engine=False)
-        await engine.close()
+            await app.close()
     print(machine_note())
 
 
