@@ -122,9 +122,10 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
         min_relevance=ctx.settings.qa_min_relevance,
     )
     # A past message that is itself a question (someone's earlier /ask, say) answers nothing, nor
-    # does the asker's own message (stored before a tool call of the chat runs this search).
+    # does the asker's own message, stored before a tool call of the chat runs this search: found
+    # by its id where the transport gives one, as the model's words for the question may differ.
     question = request.text.strip()
-    hits = [h for h in hits if not (h.kind == "message" and (is_question(h.text) or h.text.strip() == question))]
+    hits = [h for h in hits if not (h.kind == "message" and (is_question(h.text) or _asked(h, request, question)))]
     if not hits:
         return Reply(_(NOTHING_FOUND), empty=True)
     labels = [source_label(h, request.place) for h in hits]
@@ -147,6 +148,11 @@ async def ask(ctx: PluginContext, request: Request) -> Reply:
     )
     reply.stream = _then(reply.stream, footer)
     return reply
+
+
+def _asked(hit: Hit, request: Request, question: str) -> bool:
+    """Whether `hit` is the message that asked."""
+    return hit.text.strip() == question or (request.message_id is not None and hit.message_id == request.message_id)
 
 
 async def _then(pieces: AsyncIterator[str], tail: str) -> AsyncIterator[str]:

@@ -314,3 +314,19 @@ async def test_a_past_question_is_no_source(app: Quill) -> None:
     ):
         sources = (await say(app, f"/ask {question}")).partition(f"\n\n{heading}\n")[2]
         assert answer in sources and "781" not in sources and "782" not in sources, sources
+
+
+async def test_the_askers_own_message_is_no_source_when_the_model_words_the_question(app: Quill) -> None:
+    """A chat message that makes the model call /ask is stored first, and the model's question
+    may be worded otherwise: the asker's message is known by its id, never cited to them."""
+    await store_message(app, "random", "Tell me where the zebrafish lab prints its badges", "790")
+    await store_message(app, "random", "Zebrafish lab badges are printed at the front desk.", "791")
+    await store_message(app, "random", "告诉我斑马鱼实验室的工牌在哪里打印", "792")
+    await store_message(app, "random", "斑马鱼实验室的工牌在前台打印。", "793")
+    for said, asked, answer, heading in (
+        ("790", "zebrafish lab badges printed", "791", "Sources:"),
+        ("792", "斑马鱼实验室工牌打印", "793", "来源："),
+    ):
+        reply = await say(app, f"/ask {asked}", channel_id="random", message_id=said, tool_call=True)
+        sources = reply.partition(f"\n\n{heading}\n")[2]
+        assert answer in sources and said not in sources, reply
