@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import heapq
 import logging
 import queue
 import time
@@ -222,7 +223,7 @@ class BatchedEngine(LocalEngine):
         self._pieces: dict[int, bytes] = {}  # detokenized pieces by token id
         self._saved: OrderedDict[int, _Saved] = OrderedDict()  # idle conversations, oldest first
         self._saved_key = 0
-        self._free_ids: list[int] = []
+        self._free_ids: list[int] = []  # a heap: the lowest id first, so running streams stay consecutive
         self._adapters: dict[Path, Any] = {}
         self._stopping = False
         disk = settings.batch_disk_mb * 2**20
@@ -403,7 +404,7 @@ class BatchedEngine(LocalEngine):
     def _place(self, seq: _Sequence, free: int) -> None:
         """Give `seq` a free sequence id, fill it from the saved state sharing the longest
         prefix of what it must evaluate, and put it among the running ones in admission order."""
-        seq.seq_id = self._free_ids.pop()
+        seq.seq_id = heapq.heappop(self._free_ids)
         shared = self._restore(seq, room=free)
         seq.kv = seq.prompt[:shared]
         self.stats.prompt_tokens_reused += shared
@@ -417,7 +418,7 @@ class BatchedEngine(LocalEngine):
         if seq.parked is None:
             self._forget_kv(seq)
         llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        self._free_ids.append(seq.seq_id)
+        heapq.heappush(self._free_ids, seq.seq_id)
         bisect.insort(self._parked, seq, key=lambda s: s.arrival)
         self.stats.preemptions += 1
         self._update_gauges()
@@ -431,14 +432,14 @@ class BatchedEngine(LocalEngine):
         self._parked.remove(seq)
         state, seq.parked = seq.parked, None
         if state is not None:
-            seq.seq_id = self._free_ids.pop()
+            seq.seq_id = heapq.heappop(self._free_ids)
             if llama_cpp.llama_state_seq_set_data(self._ctx, state, len(state), seq.seq_id):
                 bisect.insort(self._active, seq, key=lambda s: s.arrival)
                 self._update_gauges()
                 return True
             # No contiguous run of free cells for it: evaluate its tokens again instead.
             llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-            self._free_ids.append(seq.seq_id)
+            heapq.heappush(self._free_ids, seq.seq_id)
             self._forget_kv(seq)
         self._place(seq, free)
         return True
@@ -497,7 +498,7 @@ class BatchedEngine(LocalEngine):
         if keep and seq.keep and seq.kv:
             self._save(seq)
         llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        self._free_ids.append(seq.seq_id)
+        heapq.heappush(self._free_ids, seq.seq_id)
         self._update_gauges()
 
     def _snapshot(self, seq_id: int, limit: int | None = None) -> Any:
@@ -589,7 +590,9 @@ class BatchedEngine(LocalEngine):
         self._make_room()
         entries: list[tuple[int, int, int, bool]] = []
         outputs: list[tuple[_Sequence, int]] = []
-        for seq in self._active:
+        # In ascending sequence ids: with a cache per stream, llama.cpp puts only streams of
+        # consecutive ids, in that order, into one graph; any other order computes one a stream.
+        for seq in sorted(self._active, key=lambda s: s.seq_id):
             if seq.pending is not None:
                 entries.append((seq.pending, len(seq.kv), seq.seq_id, True))
                 outputs.append((seq, len(entries) - 1))
