@@ -4,7 +4,9 @@ all sequences share against cells of its own for each sequence (llama.cpp's non-
 In each layout, in the same run: a sequence holds a 1,500-token history; its next 150 prompt
 tokens and 30 single-token decoding steps are timed alone, then again while 3 other sequences
 hold 1,500 tokens each. In a pool, llama.cpp attends over the cells up to the highest used one,
-so the others' cells cost every token; in streams, only the sequence's own.
+so the others' cells cost every token; in streams, only the sequence's own. Last, a decoding
+step of all 4 sequences together, listed in ascending and in descending ids: llama.cpp puts
+streams into one graph only in consecutive, ascending ids (the batched engine lists them so).
 
     python -m bench.kv_layout [--runs 3]
 """
@@ -46,6 +48,19 @@ def probe(ctx: Any, batch: Any, tokens: list[int]) -> tuple[float, float]:
     return prompt, step
 
 
+def together(ctx: Any, batch: Any, tokens: list[int], order: list[int]) -> float:
+    """Seconds per decoding step of every sequence at once, in `order`; then each is cut back
+    to its history."""
+    started = time.perf_counter()
+    for k in range(STEPS):
+        fill_batch(batch, [(tokens[k], HISTORY + k, seq, True) for seq in order])
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+    step = (time.perf_counter() - started) / STEPS
+    for seq in order:
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq, HISTORY, -1)
+    return step
+
+
 def measure(llm: Llama, unified: bool, tokens: list[int], runs: int) -> dict[str, tuple[float, float]]:
     ctx = new_context(llm, n_ctx=STREAM_CELLS * SEQUENCES, n_batch=CHUNK, n_seq_max=SEQUENCES, unified=unified)
     batch = llama_cpp.llama_batch_init(CHUNK, 0, 1)
@@ -59,6 +74,9 @@ def measure(llm: Llama, unified: bool, tokens: list[int], runs: int) -> dict[str
             probe(ctx, batch, tokens)  # warm-up
             samples = [probe(ctx, batch, tokens) for _ in range(runs)]
             figures[label] = (median([p for p, _ in samples]), median([s for _, s in samples]))
+        for label, order in (("ascending", list(range(SEQUENCES))), ("descending", list(range(SEQUENCES))[::-1])):
+            together(ctx, batch, tokens, order)  # warm-up
+            figures[label] = (0.0, median([together(ctx, batch, tokens, order) for _ in range(runs)]))
         return figures
     finally:
         llama_cpp.llama_batch_free(batch)
@@ -77,6 +95,11 @@ def main() -> None:
         print(
             f"{name:28s} {PROMPT} prompt tokens: {pa:.2f} s alone, {pb:.2f} s beside 3 others ({pb / pa:.2f}x); "
             f"a decoding step: {1000 * sa:.1f} ms alone, {1000 * sb:.1f} ms beside them ({sb / sa:.2f}x)"
+        )
+        up, down = f["ascending"][1], f["descending"][1]
+        print(
+            f"{'':28s} all {SEQUENCES} decoding in one step: {1000 * up:.1f} ms listed in ascending ids, "
+            f"{1000 * down:.1f} ms in descending ({down / up:.2f}x)"
         )
     print(machine_note())
 
