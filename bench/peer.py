@@ -6,17 +6,22 @@ and requests, alternating run by run in one invocation, on three workloads:
   growing turn by turn to ~1,500 tokens, turns arriving in a random (seeded) order with 2-4 in
   flight; time to first token p50/p95 and aggregate tokens/s. llama-server keeps one cached
   prompt per slot; quill keeps many conversations' states in host memory and shares the prefix;
-- (c) one user alone.
+- (c) one user alone, asking the 8 short prompts one after another.
+
+Both sides' replies are counted by the same tokenizer (quill's), from their text: a count from
+the text can be lower than the tokens generated, and counting one side otherwise would bias the
+ratio by as much as the gap it measures.
 
 The server comes from `--server PATH`, or from the cache `bench/build_llama_server.sh` fills
 (`--build` runs it: 5 minutes on 2 idle cores, 40+ on busy ones); without either the bench says so and skips.
 
     python -m bench.peer [--runs 2] [--server PATH | --build] [--conversations 32] [--turns 7]
-                         [--kv per-stream|pool] [--loads acb|a|b|c|ab|ac]
+                         [--kv per-stream|pool] [--loads acb]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
 import json
@@ -39,8 +44,8 @@ from tests.openai_servers import BUILD_SCRIPT, LlamaServer, built_llama_server
 SLOTS, SERVER_CTX = 8, 16384  # llama-server --parallel 8 -c 16384: 2,048 tokens a slot
 SHORT = [[ChatMessage("user", f"Write a long story about {topic}.")] for topic in TOPICS]
 
-# One request's outcome: seconds to first token, completion tokens.
-Outcome = tuple[float, int]
+# One request's outcome: seconds to first token, the reply's text.
+Outcome = tuple[float, str]
 Ask = Callable[[list[ChatMessage], GenerationOptions], Awaitable[Outcome]]
 
 
@@ -58,19 +63,18 @@ def server_asker(client: httpx.AsyncClient, seed: int) -> Ask:
             "temperature": options.temperature,
             "seed": seed,
             "stream": True,
-            "stream_options": {"include_usage": True},
         }
         start = time.perf_counter()
-        first, tokens = None, 0
+        first, parts = None, []
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
             async for event in sse_events(response):
                 choices = event.get("choices") or []
-                if first is None and choices and choices[0].get("delta", {}).get("content"):
-                    first = time.perf_counter() - start
-                if event.get("usage"):
-                    tokens = int(event["usage"]["completion_tokens"])
-        return (first if first is not None else time.perf_counter() - start), tokens
+                piece = choices[0].get("delta", {}).get("content") if choices else None
+                if piece:
+                    first = first if first is not None else time.perf_counter() - start
+                    parts.append(piece)
+        return (first if first is not None else time.perf_counter() - start), "".join(parts)
 
     return ask
 
@@ -82,29 +86,46 @@ def quill_asker(engine: LocalEngine) -> Ask:
         async for piece in engine.stream(messages, options):
             first = first if first is not None else time.perf_counter() - start
             parts.append(piece)
-        return (first if first is not None else time.perf_counter() - start), await engine.count_tokens("".join(parts))
+        return (first if first is not None else time.perf_counter() - start), "".join(parts)
 
     return ask
+
+
+# A workload's outcome: its wall time and each request's outcome.
+Run = tuple[float, list[Outcome]]
 
 
 @dataclass
 class Figures:
     wall: float
-    outcomes: list[Outcome]
+    firsts: list[float]
+    tokens: list[int]
+
+    @classmethod
+    async def of(cls, run: Run, engine: LocalEngine) -> Figures:
+        """Counted after the run, so counting never competes with it."""
+        wall, outcomes = run
+        return cls(wall, [first for first, _ in outcomes], [await engine.count_tokens(text) for _, text in outcomes])
 
     @property
     def rate(self) -> float:
-        return sum(n for _, n in self.outcomes) / self.wall
+        return sum(self.tokens) / self.wall
 
     def ttft(self, q: float) -> float:
-        values = sorted(first for first, _ in self.outcomes)
+        values = sorted(self.firsts)
         return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def together(ask: Ask, prompts: list[list[ChatMessage]], options: GenerationOptions) -> Figures:
+async def together(ask: Ask, prompts: list[list[ChatMessage]], options: GenerationOptions) -> Run:
     start = time.perf_counter()
     outcomes = await asyncio.gather(*(ask(p, options) for p in prompts))
-    return Figures(time.perf_counter() - start, list(outcomes))
+    return time.perf_counter() - start, list(outcomes)
+
+
+async def one_by_one(ask: Ask, prompts: list[list[ChatMessage]], options: GenerationOptions) -> Run:
+    start = time.perf_counter()
+    outcomes = [await ask(p, options) for p in prompts]
+    return time.perf_counter() - start, outcomes
 
 
 # -- (b) the help-channel replay ------------------------------------------------------------
@@ -152,7 +173,7 @@ def help_schedule(conversations: int, turns: int, seed: int) -> list[tuple[int, 
     return order
 
 
-async def help_replay(ask: Ask, conversations: int, turns: int, seed: int, options: GenerationOptions) -> Figures:
+async def help_replay(ask: Ask, conversations: int, turns: int, seed: int, options: GenerationOptions) -> Run:
     """Replay the schedule: the next turn whose conversation is idle starts whenever fewer than
     a (seeded, redrawn each time) 2-4 requests are in flight."""
     system = help_system_prompt()
@@ -181,10 +202,17 @@ async def help_replay(ask: Ask, conversations: int, turns: int, seed: int, optio
         for task in done:
             busy.discard(running.pop(task))
             outcomes.append(task.result())
-    return Figures(time.perf_counter() - start, outcomes)
+    return time.perf_counter() - start, outcomes
 
 
 # -- main -----------------------------------------------------------------------------------
+
+
+def loads(value: str) -> str:
+    """`--loads`: workload letters, each once."""
+    if not value or set(value) - set("abc") or len(set(value)) != len(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: give workloads a, b and c, each at most once (like acb or bc)")
+    return value
 
 
 async def main() -> None:
@@ -203,7 +231,7 @@ async def main() -> None:
         help="quill's QUILL_BATCH_KV: per-stream gives its 8 streams 2,048 cells each, llama-server's "
         "memory exactly; pool is the default 128 MB pool shared by all (n_ctx 4,096)",
     )
-    p.add_argument("--loads", default="acb", choices=["acb", "a", "b", "c", "ab", "ac"], help="workloads, in order")
+    p.add_argument("--loads", default="acb", type=loads, help="workloads, in order: any of a, b, c (default acb)")
     args = p.parse_args()
     if args.build:
         subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
@@ -225,22 +253,27 @@ async def main() -> None:
     replay = GenerationOptions(max_tokens=args.replay_tokens, temperature=0.7)
     figures: dict[tuple[str, str], list[Figures]] = {}
 
-    def workload(load: str, ask: Ask, run: int) -> Awaitable[Figures]:
+    def workload(load: str, ask: Ask, run: int) -> Awaitable[Run]:
         if load == "a":
             return together(ask, SHORT, short)
         if load == "c":
-            return together(ask, SHORT[:1], short)
+            return one_by_one(ask, SHORT, short)
         return help_replay(ask, args.conversations, args.turns, seed=run, options=replay)
 
     try:
         server.start()
-        async with httpx.AsyncClient(base_url=server.root_url, timeout=600) as client:
+        # A new connection for every request: llama-server offers keep-alive but now and then
+        # closes the connection after a streamed reply, and httpx does not send a POST again on
+        # a connection found closed ("Server disconnected without sending a response"). quill's
+        # openai backend stops reading at [DONE], so it opens a new one after each reply too.
+        no_reuse = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.root_url, timeout=600, limits=no_reuse) as client:
             askers = {"quill": quill_asker(engine), "llama-server": server_asker(client, seed=1)}
             for run in range(args.runs):
                 order = list(askers.items()) if run % 2 == 0 else list(askers.items())[::-1]
                 for name, ask in order:
                     for load in args.loads:
-                        fig = await workload(load, ask, run)
+                        fig = await Figures.of(await workload(load, ask, run), engine)
                         figures.setdefault((name, load), []).append(fig)
                         # As it comes, so a run cut short still leaves figures.
                         print(
