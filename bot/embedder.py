@@ -195,8 +195,8 @@ class _LocalEmbedder(ABC):
 class Embedder(_LocalEmbedder):
     """A GGUF embedder run by llama-cpp-python (MiniLM, or QUILL_EMBEDDING_MODEL_PATH's)."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        super().__init__(threads)
+    def __init__(self, path: Path) -> None:
+        super().__init__(threads=1)  # see `_load`
         self.path = path
         self._llm: object | None = None
 
@@ -224,7 +224,12 @@ class Embedder(_LocalEmbedder):
                 n_ctx=EMBED_CTX,
                 n_batch=EMBED_CTX,
                 n_ubatch=EMBED_CTX,
+                # One thread, none of OpenMP's: llama.cpp's OpenMP threads started from a second
+                # thread of the process (this one, beside the chat engine's) make libgomp count more
+                # threads than cores and cut its spin-waits short for every team, so the chat model
+                # decoded 2.4x slower from the first embedding on (98 -> 40 tokens/s, 2 cores).
                 n_threads=self.threads,
+                n_threads_batch=self.threads,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -312,7 +317,7 @@ def local_embedder(settings: Settings) -> Embedder | E5Embedder:
     started; MiniLM's GGUF is built into the data folder the first time (blocking: seconds)."""
     if settings.embedding_model_path is None and settings.embedding_model == "multilingual-e5-small":
         return E5Embedder(settings.n_threads)
-    return Embedder(Embedder.resolve_path(settings.embedding_model_path, settings.data_dir), settings.n_threads)
+    return Embedder(Embedder.resolve_path(settings.embedding_model_path, settings.data_dir))
 
 
 class ServerEmbedder:

@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from bot.app import Quill
 from bot.config import Settings
-from bot.embedder import MINILM_GGUF, build_minilm_gguf
+from bot.embedder import MINILM_GGUF, Embedder, build_minilm_gguf
 from bot.engine.local import LocalEngine
 from plugins.qa import NOTHING_FOUND
 from tests.test_qa import request, say
@@ -142,3 +142,19 @@ async def test_a_bad_embedder_file_fails_start_up_with_one_clear_message(
         settings.embedding_model_path = path
         with pytest.raises(ModelLoadError, match=says):
             await Quill.start(settings, engine=engine)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+async def test_the_gguf_embedder_computes_in_its_one_thread(minilm: Path) -> None:
+    """llama.cpp's OpenMP threads started from a second thread of the process, beside the chat
+    engine's, made the chat model decode 2.4x slower from the first embedding on (libgomp then
+    counts more threads than cores and cuts every team's spin-waits short)."""
+    embedder = Embedder(minilm)
+    await embedder.start()
+    try:
+        before = len(list(Path("/proc/self/task").iterdir()))
+        vectors = await embedder.embed(["The release is on Thursday.", "发布在周四。"] * 8)
+        assert vectors.shape == (16, embedder.dim)
+        assert len(list(Path("/proc/self/task").iterdir())) == before
+    finally:
+        embedder.close()
