@@ -31,7 +31,12 @@ def make_engine(
     mode: str, threads: int, engine_class: type[LocalEngine] | None = None, **overrides: object
 ) -> LocalEngine:
     """A started engine in `mode` ("single" or "batched") on the embedded model; `engine_class`
-    replaces the mode's class (a benchmark's baseline variant)."""
+    replaces the mode's class (a benchmark's baseline variant).
+
+    Close one before using another: llama.cpp's OpenMP threads belong to the thread that starts
+    them (each engine's worker), and with two such teams alive libgomp counts more threads than
+    cores and cuts every team's spin-waits short; on 2 cores both engines then decoded 2.4x
+    slower (bot/embedder.py)."""
     values: dict[str, object] = {
         "data_dir": Path(tempfile.mkdtemp(prefix="quill-bench-")),
         "n_ctx": 4096,

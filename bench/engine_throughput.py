@@ -6,6 +6,8 @@ Every figure is measured in the same run on the same prompts:
 - one user alone in each mode;
 - fairness: each user's completion time against its fair share (its tokens at 1/8 of the
   aggregate rate), and the worst time to first token.
+One engine is loaded at a time, and the raw loop runs on the batched engine's worker thread:
+llama.cpp computing from two threads of one process slows both (see `bench.common.make_engine`).
 
     python -m bench.engine_throughput [--runs 3] [--tokens 64]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import llama_cpp
 
@@ -41,9 +44,18 @@ async def counted(engine, prompts, options) -> tuple[float, list[tuple[float, fl
     return time.perf_counter() - start, users
 
 
-def raw_ceiling(engine: BatchedEngine, n_tokens: int) -> float:
+async def raw_ceiling(engine: BatchedEngine, n_tokens: int) -> float:
     """Tokens/s of a bare loop: prefill the 8 prompts, then one greedy token per sequence per
-    `llama_decode`, n_tokens steps. Same model, threads and prompts as the engine."""
+    `llama_decode`, n_tokens steps. Same model, threads and prompts as the engine, on its worker."""
+
+    def work(llm: object) -> Iterator[float]:
+        yield raw_loop(engine, n_tokens)
+
+    (rate,) = [rate async for rate in engine._run(work)]
+    return rate
+
+
+def raw_loop(engine: BatchedEngine, n_tokens: int) -> float:
     llm = engine._llm
     prompts = [engine._format(_Generate(tuple(p), GenerationOptions()))[0] for p in USERS]
     ctx = new_context(llm, n_ctx=4096, n_batch=512, n_seq_max=len(prompts))
@@ -84,11 +96,10 @@ async def main() -> None:
     def add(name: str, value: float) -> None:
         figures.setdefault(name, []).append(value)
 
-    batched = make_engine("batched", args.threads)
-    single = make_engine("single", args.threads)
-    try:
-        for _ in range(args.runs):
-            for name, engine in (("batched", batched), ("single", single)):
+    for _ in range(args.runs):
+        for name in ("batched", "single"):
+            engine = make_engine(name, args.threads)
+            try:
                 wall, users = await counted(engine, USERS, options)
                 rate = sum(n for _, _, n in users) / wall
                 add(f"{name} 8 users tok/s", rate)
@@ -99,10 +110,10 @@ async def main() -> None:
                 add(f"{name} worst completion / fair share", max(fair))
                 wall1, (alone,) = await counted(engine, USERS[:1], options)
                 add(f"{name} 1 user tok/s", alone[2] / wall1)
-            add("raw loop 8 sequences tok/s", await asyncio.to_thread(raw_ceiling, batched, args.tokens))
-    finally:
-        await batched.close()
-        await single.close()
+                if isinstance(engine, BatchedEngine):
+                    add("raw loop 8 sequences tok/s", await raw_ceiling(engine, args.tokens))
+            finally:
+                await engine.close()
     for name, values in figures.items():
         print(f"{name:40s} {median(values):8.2f}   (runs: {', '.join(f'{v:.2f}' for v in values)})")
     m = {k: median(v) for k, v in figures.items()}
