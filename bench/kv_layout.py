@@ -86,7 +86,13 @@ def measure(llm: Llama, unified: bool, tokens: list[int], runs: int) -> dict[str
 def main() -> None:
     args = parser(__doc__ or "").parse_args()
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    llm = Llama(model_path=str(settings.model_path), n_ctx=256, n_threads=args.threads, verbose=False)
+    llm = Llama(
+        model_path=str(settings.model_path),
+        n_ctx=256,
+        n_threads=args.threads,
+        flash_attn=settings.flash_attn,
+        verbose=False,
+    )
     tokens = llm.tokenize(("The quick brown fox jumps over the lazy dog. " * 400).encode())
     print(f"{settings.model_path.name}, {args.threads} threads, history {HISTORY} tokens, {args.runs} runs (median)")
     for name, unified in (("pool (QUILL_BATCH_KV=pool)", True), ("per-stream", False)):

@@ -15,7 +15,7 @@ BARE = """
 import llama_cpp, resource
 from bot.config import Settings
 s = Settings(_env_file=None)
-llm = llama_cpp.Llama(model_path=str(s.model_path), n_ctx=s.n_ctx, n_threads=2, verbose=False)
+llm = llama_cpp.Llama(model_path=str(s.model_path), n_ctx=s.n_ctx, n_threads=2, flash_attn=s.flash_attn, verbose=False)
 llm.create_chat_completion([{"role": "user", "content": "Hello"}], max_tokens=32)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -50,6 +50,7 @@ async def main() -> int:
         n_ctx=settings.n_ctx,
         n_threads=settings.n_threads,
         n_gpu_layers=settings.n_gpu_layers,
+        flash_attn=settings.flash_attn,
         seed=settings.seed,
         verbose=False,
     )

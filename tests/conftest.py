@@ -119,8 +119,9 @@ async def app(settings: Settings, engine: LocalEngine) -> AsyncIterator[Quill]:
 
 
 # Greedy replies may differ only where the two best tokens were this close (in nats; seen 0.03
-# and 0.115 between the batched and the single arithmetic).
-LOGPROB_TOLERANCE = 0.25
+# and 0.115 between the batched and the single arithmetic, and 0.312 with flash attention, whose
+# CPU kernel sums a sequence's cells block by block wherever they lie in a shared pool).
+LOGPROB_TOLERANCE = 0.5
 
 
 async def assert_same_or_near_tie(

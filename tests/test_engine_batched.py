@@ -327,7 +327,11 @@ async def test_chinese_reply_streams_whole_characters_only(engine: LocalEngine, 
     llm = batched_engine._llm
     split = [t for t in llm.tokenize(text.encode(), False, False) if not is_utf8(llm.detokenize([t]))]
     assert split, "the premise: some characters of the reply take more than one token"
-    await assert_same_or_near_tie(batched_engine, ask, (await engine.chat(ask, options)).text, text)
+    single = (await engine.chat(ask, options)).text
+    # Both stop at 64 tokens; a near-tie on the last one can end a reply a character earlier (its
+    # first bytes only, held back), which the check below, from whole texts, cannot weigh.
+    end = min(len(single), len(text)) - 1
+    await assert_same_or_near_tie(batched_engine, ask, single[:end], text[:end])
     assert (await batched_engine.chat(ask, options)).text == text
 
 

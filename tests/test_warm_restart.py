@@ -152,6 +152,25 @@ async def test_a_changed_model_file_never_reuses_the_old_states(tmp_path: Path) 
         await engine.close()
 
 
+async def test_a_state_saved_without_flash_attention_is_not_loaded_with_it(tmp_path: Path) -> None:
+    """The two kernels lay V out differently in the cache."""
+    first = await started(tmp_path, flash_attn=False)
+    await first.chat(HISTORIES["zh"], GREEDY)
+    await first.close()
+    engine = await started(tmp_path, flash_attn=True)
+    try:
+        assert engine.stats.disk_states == 0
+        assert (await engine.chat(HISTORIES["zh"], GREEDY)).text
+        assert engine.stats.disk_restores == 0 and engine.stats.prompt_tokens_reused == 0
+    finally:
+        await engine.close()
+    again = await started(tmp_path, flash_attn=False)
+    try:
+        assert again.stats.disk_states == 1  # still there for when it is off again
+    finally:
+        await again.close()
+
+
 def test_the_key_follows_the_model_and_the_adapter_content(tmp_path: Path) -> None:
     model, adapter, hashes = tmp_path / "m.gguf", tmp_path / "a.gguf", tmp_path / "hashes.json"
     model.write_bytes(b"GGUF" + b"\0" * 4096)

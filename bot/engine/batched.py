@@ -271,7 +271,9 @@ class BatchedEngine(LocalEngine):
         if self._store is None:
             return
         params = self._llm.context_params
+        # Flash attention stores V untransposed: a state saved with it loads only with it.
         layout = f"llama.cpp {llama_cpp.__version__}, K {params.type_k}, V {params.type_v}"
+        layout += f", flash attention {params.flash_attn_type}"
         if self._per_stream:  # such a state lists every stream: it loads only into as many
             layout += f", {self._n_seq} streams"
         key = state_key(self.settings.model_path, self.adapter, self._store.root / "hashes.json", layout)

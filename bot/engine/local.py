@@ -169,6 +169,7 @@ class LocalEngine:
                 n_ctx=n_ctx,
                 n_threads=s.n_threads,
                 n_gpu_layers=s.n_gpu_layers,
+                flash_attn=s.flash_attn,
                 chat_format=s.chat_format,
                 seed=s.seed if s.seed >= 0 else RANDOM_SEED,
                 verbose=False,
