@@ -42,7 +42,13 @@ from bot.engine.local import LocalEngine
 from tests.openai_servers import BUILD_SCRIPT, LlamaServer, built_llama_server
 
 SLOTS, SERVER_CTX = 8, 16384  # llama-server --parallel 8 -c 16384: 2,048 tokens a slot
-SHORT = [[ChatMessage("user", f"Write a long story about {topic}.")] for topic in TOPICS]
+
+
+def short_prompts(load: str, run: int) -> list[list[ChatMessage]]:
+    """8 short prompts, new in each run and workload: neither side serves them from a cache
+    (llama-server keeps up to 8 GB of prompts in host memory, quill 512 MB plus its disk)."""
+    return [[ChatMessage("user", f"({load}{run}) Write a long story about {topic}.")] for topic in TOPICS]
+
 
 # One request's outcome: seconds to first token, the reply's text.
 Outcome = tuple[float, str]
@@ -255,9 +261,9 @@ async def main() -> None:
 
     def workload(load: str, ask: Ask, run: int) -> Awaitable[Run]:
         if load == "a":
-            return together(ask, SHORT, short)
+            return together(ask, short_prompts(load, run), short)
         if load == "c":
-            return one_by_one(ask, SHORT, short)
+            return one_by_one(ask, short_prompts(load, run), short)
         return help_replay(ask, args.conversations, args.turns, seed=run, options=replay)
 
     try:
