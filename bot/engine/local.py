@@ -179,10 +179,11 @@ class LocalEngine:
                 f"Cannot load model {s.model_path}: {exc}. Set QUILL_MODEL_PATH to a valid GGUF file."
             ) from exc
         log.info(
-            "model loaded: %s (n_ctx=%d, n_gpu_layers=%d, chat_format=%s)",
+            "model loaded: %s (n_ctx=%d, n_gpu_layers=%d, flash_attn=%s, chat_format=%s)",
             s.model_path.name,
             llm.n_ctx(),
             s.n_gpu_layers,
+            s.flash_attn,
             llm.chat_format,
         )
         return llm
