@@ -51,15 +51,16 @@ async def main() -> None:
     figures: dict[tuple[str, bool], list[float]] = {}
     history = 0
     for run in range(args.runs):
+        short = [[ChatMessage("user", f"Run {run}: write a long story about {topic}.")] for topic in TOPICS]
+        long = conversation(run, 1150)
         for fa in (True, False) if run % 2 == 0 else (False, True):
             engine = make_engine("batched", args.threads, flash_attn=fa)
             try:
-                history = await engine.count_tokens(conversation(run, 1150)[0].content)
-                short = [[ChatMessage("user", f"Run {run}: write a long story about {topic}.")] for topic in TOPICS]
+                history = await engine.count_tokens(long[0].content)
                 measured = {
                     "one user, 8 prompts one after another: tok/s": await one_by_one(engine, short),
                     "8 users at once: aggregate tok/s": await together(engine, short),
-                    "a new long prompt: first token s": await long_prompt(engine, conversation(run, 1150)),
+                    "a new long prompt: first token s": await long_prompt(engine, long),
                 }
                 for name, value in measured.items():
                     figures.setdefault((name, fa), []).append(value)

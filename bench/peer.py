@@ -4,8 +4,9 @@ and requests, alternating run by run in one invocation, on three workloads:
 - (a) 8 users at once, short prompts;
 - (b) help-channel replay: conversations sharing a ~500-token system prompt, each history
   growing turn by turn to ~1,500 tokens, turns arriving in a random (seeded) order with 2-4 in
-  flight; time to first token p50/p95 and aggregate tokens/s. llama-server keeps one cached
-  prompt per slot; quill keeps many conversations' states in host memory and shares the prefix;
+  flight; time to first token p50/p95 and aggregate tokens/s. llama-server keeps each slot's
+  prompt and up to 8 GB of others in host memory (`--cache-ram`); quill keeps many
+  conversations' states in host memory (512 MB, then disk) and shares the prefix;
 - (c) one user alone, asking the 8 short prompts one after another.
 
 Both sides' replies are counted by the same tokenizer (quill's), from their text: a count from
